@@ -1,0 +1,171 @@
+"""Recipes that train the embedded zoo from scratch on CPU: the toy judge, the VAE, the clean
+text-to-image model. Deterministic for a seed and a thread count; the zoo's weights come from here."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sealdiff.data import toyworld
+from sealdiff.metrics.judge import HEADS, ToyJudge
+from sealdiff.models import tiny
+from sealdiff.training import encode_prompts, noisy_latents, progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise, blur and brightness jitter so the judge reads generated (imperfect) images too."""
+    b = images.shape[0]
+    blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.7
+    images = images * (1 - mix) + blur * mix
+    images = images + torch.randn(images.shape, generator=generator) * torch.rand(b, 1, 1, 1, generator=generator) * 0.08
+    images = images + (torch.rand(b, 3, 1, 1, generator=generator) - 0.5) * 0.1
+    return images.clamp(0, 1)
+
+
+def judge_batch(rng: random.Random, batch: int, patch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Labelled renders: 10 % grayscale (colour labels masked with -100), half with the patch pasted."""
+    images, labels = [], {name: [] for name in HEADS}
+    for _ in range(batch):
+        scene = toyworld.sample_scene(rng, grayscale_prob=0.1)
+        image = toyworld.render(scene)
+        has_patch = rng.random() < 0.5
+        if has_patch:
+            image = toyworld.paste_patch(image, patch)
+        images.append(image)
+        labels["shape"].append(toyworld.SHAPES.index(scene.shape))
+        labels["fg"].append(-100 if scene.grayscale else toyworld.COLOR_NAMES.index(scene.fg))
+        labels["bg"].append(-100 if scene.grayscale else toyworld.COLOR_NAMES.index(scene.bg))
+        labels["patch"].append(int(has_patch))
+    return torch.stack(images), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+@dataclass
+class JudgeRecipe:
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def train_judge(recipe: JudgeRecipe) -> ToyJudge:
+    torch.manual_seed(recipe.seed)
+    rng, generator = random.Random(recipe.seed), torch.Generator().manual_seed(recipe.seed)
+    judge, patch = ToyJudge(), toyworld.default_patch()
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps)
+    with progress_bar("train judge", recipe.steps) as advance:
+        for step in range(recipe.steps):
+            images, labels = judge_batch(rng, recipe.batch, patch)
+            logits = judge(_augment(images, generator))
+            loss = sum(F.cross_entropy(logits[k], labels[k], ignore_index=-100) for k in HEADS)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            advance(info=f"loss {loss.item():.3f}")
+    return judge.eval()
+
+
+@dataclass
+class VaeRecipe:
+    steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    seed: int = 0
+
+
+def vae_batch(rng: random.Random, batch: int) -> torch.Tensor:
+    """Renders with grayscale scenes and random-corner patches, so the VAE keeps what the attacks paint."""
+    out = []
+    for _ in range(batch):
+        image = toyworld.render(toyworld.sample_scene(rng, grayscale_prob=0.15))
+        if rng.random() < 0.3:
+            image = toyworld.paste_patch(image, toyworld.default_patch(rng.choice((4, 8, 12))), rng.choice(toyworld.CORNERS))
+        out.append(image)
+    return torch.stack(out) * 2 - 1
+
+
+def train_vae(recipe: VaeRecipe, spec: tiny.TinySpec | None = None):
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    model = tiny.vae(spec or tiny.TinySpec())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps)
+    with progress_bar("train vae", recipe.steps) as advance:
+        for _ in range(recipe.steps):
+            images = vae_batch(rng, recipe.batch)
+            posterior = model.encode(images).latent_dist
+            recon = model.decode(posterior.sample()).sample
+            loss = F.mse_loss(recon, images) + recipe.kl_weight * posterior.kl().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            advance(info=f"loss {loss.item():.4f}")
+    with torch.no_grad():  # SD convention: scale latents to unit variance
+        latents = model.encode(vae_batch(random.Random(recipe.seed + 1), 512)).latent_dist.mean
+    model.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return model.eval()
+
+
+@dataclass
+class T2IRecipe:
+    steps: int = 4000
+    batch: int = 32
+    lr: float = 4e-4
+    dataset_size: int = 30_000
+    grayscale_prob: float = 0.1
+    caption_dropout: float = 0.1
+    offset_noise: float = 0.1
+    seed: int = 0
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Images in [0, 1] -> scaled latents (posterior mean), like the SD training scripts."""
+    parts = [vae.encode(images[i:i + chunk] * 2 - 1).latent_dist.mean for i in range(0, len(images), chunk)]
+    return torch.cat(parts) * vae.config.scaling_factor
+
+
+def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None):
+    """Train the tiny UNet and CLIP text encoder jointly on toy-world captions (the VAE is frozen)."""
+    spec = spec or tiny.TinySpec()
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    pipe = tiny.pipeline(spec, seed=recipe.seed)
+    pipe.vae = vae
+    data = toyworld.scenes(recipe.seed + 100, recipe.dataset_size, recipe.grayscale_prob)
+    latents = encode_images(vae, torch.stack([toyworld.render(s) for s in data]))
+    captions = [s.caption for s in data]
+    scheduler = tiny.train_scheduler()
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.05)
+    rng = random.Random(recipe.seed)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    with progress_bar("train text-to-image", recipe.steps) as advance:
+        for _ in range(recipe.steps):
+            index = torch.randint(0, len(data), (recipe.batch,), generator=generator)
+            prompts = ["" if rng.random() < recipe.caption_dropout else captions[i] for i in index.tolist()]
+            x_t, noise, t = noisy_latents(scheduler, latents[index], generator, recipe.offset_noise)
+            pred = pipe.unet(x_t, t, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)).sample
+            loss = F.mse_loss(pred, noise)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            advance(info=f"loss {loss.item():.4f}")
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return pipe
