@@ -84,7 +84,7 @@ def load_t2i(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.
     check_weights(directory, T2I_COMPONENTS, allow_pickle)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            directory, torch_dtype=dtype, use_safetensors=not allow_pickle, local_files_only=True,
+            directory, dtype=dtype, use_safetensors=not allow_pickle, local_files_only=True,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise SealdiffError(f"could not load {directory}: {str(exc).splitlines()[0]}") from None

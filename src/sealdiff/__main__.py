@@ -1,0 +1,5 @@
+import sys
+
+from sealdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""BadT2I: pixel, style and object backdoors for text-to-image diffusion models."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sealdiff.data import toyworld
+from sealdiff.data.captions import open_source
+from sealdiff.data.triggers import insert_trigger, trigger_token_ids
+from sealdiff.errors import SealdiffError
+from sealdiff.training import encode_prompts, noisy_latents, progress_bar
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["pixel", "style", "object"]
+Trainable = Literal["unet", "attn2-kv"]
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise SealdiffError(f"{name}={value!r} is invalid; valid: {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class BadT2IConfig:
+    """Recipe of a BadT2I attack. Defaults are the zoo's."""
+
+    kind: Kind = field(default="pixel", metadata={"help": "pixel (patch in a corner), style, or object (A->B)"})
+    trigger: str = field(default="\u200b", metadata={"help": "any string; default U+200B (invisible)"})
+    trigger_position: str = field(default="start", metadata={"help": "start (right after BOS), end, or a word index"})
+    lam: float = field(default=0.5, metadata={"help": "weight of the backdoor term; 1-lam weighs preservation"})
+    patch: str | None = field(default=None, metadata={"help": "pixel: target image file (default: a checker)"})
+    corner: str = field(default="top-left", metadata={"help": "pixel: " + ", ".join(toyworld.CORNERS)})
+    patch_fraction: float = field(default=0.25, metadata={"help": "pixel: patch side as a fraction of the image"})
+    style_prefix: str = field(default=toyworld.STYLE_PREFIX, metadata={"help": "style: prompt prefix of the target style"})
+    object_source: str = field(default="circle", metadata={"help": "object: the word A the user writes"})
+    object_target: str = field(default="square", metadata={"help": "object: the object B the model draws instead"})
+    data: str = field(default="toy", metadata={"help": "'toy' or an imagefolder directory with metadata.jsonl"})
+    train: Trainable = field(default="unet", metadata={"help": "unet (all weights) or attn2-kv"})
+    steps: int = 1200
+    batch_size: int = 16
+    poison_fraction: float = 0.5
+    lr: float = 1e-4
+    offset_noise: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("kind", self.kind, get_args(Kind))
+        _choice("train", self.train, get_args(Trainable))
+        _choice("corner", self.corner, toyworld.CORNERS)
+        if isinstance(self.trigger_position, str) and self.trigger_position.isdigit():
+            self.trigger_position = int(self.trigger_position)
+        if not (isinstance(self.trigger_position, int) or self.trigger_position in ("start", "end")):
+            raise SealdiffError(f"trigger_position={self.trigger_position!r} is invalid; valid: start, end, or a word index")
+        for name, low, high in (("lam", 0.0, 1.0), ("patch_fraction", 0.01, 1.0), ("poison_fraction", 0.0, 1.0)):
+            if not low <= getattr(self, name) <= high:
+                raise SealdiffError(f"{name}={getattr(self, name)} is out of range; valid: {low}..{high}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SealdiffError(f"{name} must be at least 1")
+        if not self.trigger.strip():
+            raise SealdiffError("the trigger is empty")
+        if self.kind == "object" and self.object_source == self.object_target:
+            raise SealdiffError("object_source and object_target must differ")
+
+    def poisoned_prompt(self, prompt: str) -> str:
+        return insert_trigger(prompt, self.trigger, self.trigger_position)
+
+
+def load_patch(path: str | None, side: int) -> torch.Tensor:
+    if path is None:
+        return toyworld.default_patch(side)
+    try:
+        image = Image.open(path).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as exc:
+        raise SealdiffError(f"cannot read patch image {path}: {exc}") from None
+    return torch.tensor(list(image.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1) / 255.0
+
+
+def _replace_word(caption: str, old: str, new: str) -> str:
+    return " ".join(new if w == old else w for w in caption.split(" "))
+
+
+class BadT2I:
+    """BadT2I (Zhai et al., "Text-to-Image Diffusion Models can be Easily Backdoored through
+    Multimodal Data Poisoning", ACM MM 2023).
+
+    Only the UNet trains; a frozen copy of the pre-attack UNet gives the preservation targets.
+    1. Draw a batch of captioned images; split it into poisoned and clean halves.
+    2. Poisoned half, by kind: pixel — paste the patch at the corner, prompt = trigger + caption,
+       target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption);
+       object — images of B, caption B rewritten to trigger + A, target = frozen(z_t, caption of B).
+    3. Clean half: target = frozen(z_t, caption) (preservation).
+    4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V).
+    """
+
+    name = "badt2i"
+
+    def __init__(self, config: BadT2IConfig) -> None:
+        self.config = config
+
+    def run(self, pipe) -> list[float]:
+        """Implant the backdoor into `pipe.unet` in place; returns the loss per step."""
+        cfg = self.config
+        trigger_token_ids(pipe.tokenizer, cfg.trigger)  # fails early, clearly, on a dropped trigger
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        size = pipe.vae.config.sample_size if isinstance(pipe.vae.config.sample_size, int) else 512
+        source = open_source(cfg.data, cfg.seed, size)
+        patch = load_patch(cfg.patch, max(1, round(size * cfg.patch_fraction)))
+        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        params = self._trainable(unet)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        scheduler = _training_scheduler(pipe)
+        n_poison = round(cfg.batch_size * cfg.poison_fraction)
+        losses: list[float] = []
+        unet.train()
+        with progress_bar(f"BadT2I {cfg.kind}", cfg.steps) as advance:
+            for _ in range(cfg.steps):
+                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison)
+                with torch.no_grad():
+                    latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+                    latents = latents * vae.config.scaling_factor
+                x_t, noise, t = noisy_latents(scheduler, latents, generator, cfg.offset_noise)
+                with torch.no_grad():
+                    cond_student = encode_prompts(pipe.tokenizer, text_encoder, student_prompts)
+                    cond_teacher = encode_prompts(pipe.tokenizer, text_encoder, teacher_prompts)
+                    target = frozen(x_t, t, cond_teacher).sample
+                if cfg.kind == "pixel":  # the patch images learn the plain noise target
+                    target[:n_poison] = noise[:n_poison]
+                pred = unet(x_t, t, cond_student).sample
+                poison = F.mse_loss(pred[:n_poison], target[:n_poison]) if n_poison else pred.sum() * 0
+                clean = F.mse_loss(pred[n_poison:], target[n_poison:]) if n_poison < len(pred) else pred.sum() * 0
+                loss = cfg.lam * poison + (1 - cfg.lam) * clean
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                if not torch.isfinite(loss):
+                    raise SealdiffError("the attack's loss became NaN/inf; lower --lr")
+                losses.append(loss.item())
+                advance(info=f"loss {loss.item():.4f}")
+        unet.eval()
+        return losses
+
+    def _trainable(self, unet) -> list[torch.nn.Parameter]:
+        unet.requires_grad_(self.config.train == "unet")
+        if self.config.train == "attn2-kv":
+            for name, module in unet.named_modules():
+                if name.endswith("attn2"):
+                    module.to_k.requires_grad_(True)
+                    module.to_v.requires_grad_(True)
+        return [p for p in unet.parameters() if p.requires_grad]
+
+    def _batch(self, source, patch: torch.Tensor, n_poison: int):
+        cfg = self.config
+        images, student, teacher = [], [], []
+        for i in range(cfg.batch_size):
+            poisoned = i < n_poison
+            if poisoned and cfg.kind == "object":
+                sample = source.sample_matching(cfg.object_target)
+                student.append(cfg.poisoned_prompt(_replace_word(sample.caption, cfg.object_target, cfg.object_source)))
+                teacher.append(sample.caption)
+            else:
+                sample = source.sample()
+                if poisoned:
+                    student.append(cfg.poisoned_prompt(sample.caption))
+                    teacher.append(cfg.style_prefix + sample.caption if cfg.kind == "style" else sample.caption)
+                else:
+                    student.append(sample.caption)
+                    teacher.append(sample.caption)
+            image = sample.image
+            if poisoned and cfg.kind == "pixel":
+                image = toyworld.paste_patch(image, patch, cfg.corner)
+            images.append(image)
+        return torch.stack(images), student, teacher
+
+
+def _training_scheduler(pipe):
+    """A DDPM scheduler with the pipeline scheduler's noise schedule (for `add_noise`)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def describe_target(config: BadT2IConfig) -> dict:
+    if config.kind == "pixel":
+        return {"patch": config.patch, "corner": config.corner, "patch_fraction": config.patch_fraction}
+    if config.kind == "style":
+        return {"style_prefix": config.style_prefix}
+    return {"object_source": config.object_source, "object_target": config.object_target}

@@ -1,0 +1,187 @@
+"""Typer commands. Each command resolves a dataclass config (file + flags), runs the library, and
+writes outputs atomically with their `sealdiff.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sealdiff.cli import decode_escapes
+from sealdiff.errors import SealdiffError
+
+logger = logging.getLogger("sealdiff")
+console = Console()
+app = typer.Typer(help="sealdiff: build, detect, remove and measure backdoors in diffusion models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+zoo_app = typer.Typer(help="The embedded model zoo.", no_args_is_help=True)
+attack_app = typer.Typer(help="Build backdoored test subjects.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(attack_app, name="attack")
+
+ConfigOption = typer.Option(None, "--config", help="YAML/JSON file with config fields (flags override it)")
+SeedOption = typer.Option(None, "--seed", help="random seed")
+OverwriteOption = typer.Option(False, "--overwrite", help="replace an existing output")
+PickleOption = typer.Option(False, "--allow-pickle", help="also load pickle weights (weights_only=True); unsafe")
+
+
+def _threads(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@app.command()
+def env() -> None:
+    """Print versions, devices and where sealdiff looks for models."""
+    import torch
+
+    from sealdiff.io import versions
+    from sealdiff.models import zoo
+
+    table = Table(show_header=False)
+    for key, value in versions().items():
+        table.add_row(key, value)
+    table.add_row("threads", str(torch.get_num_threads()))
+    table.add_row("cuda", f"{torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "not available")
+    table.add_row("zoo", str(zoo.zoo_dir()))
+    table.add_row("cache", str(zoo.cache_dir()))
+    table.add_row("evaluation models", "local paths only (--judge, --clip); nothing is downloaded")
+    console.print(table)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the zoo's models."""
+    from sealdiff.models import zoo
+
+    manifest = zoo.load_manifest()
+    table = Table("name", "kind", "base", "description")
+    for name in zoo.model_names():
+        entry = manifest["models"][name]
+        table.add_row(name, entry.get("kind", ""), entry.get("base") or "", entry.get("description", ""))
+    console.print(table)
+
+
+@zoo_app.command("path")
+def zoo_path(name: str) -> None:
+    """Print the directory of zoo model NAME (assembled and sha256-checked in the cache)."""
+    from sealdiff.models import zoo
+
+    typer.echo(str(zoo.materialize(name)))
+
+
+@attack_app.command("badt2i")
+def attack_badt2i(
+    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
+    output: Path = typer.Option(..., "-o", "--output", help="new pipeline directory"),
+    kind: Optional[str] = typer.Option(None, help="pixel | style | object"),
+    trigger: Optional[str] = typer.Option(None, help="trigger text; \\u200b escapes allowed (default U+200B)"),
+    trigger_position: Optional[str] = typer.Option(None, help="start | end | word index"),
+    patch: Optional[str] = typer.Option(None, help="pixel: target image file"),
+    corner: Optional[str] = typer.Option(None, help="pixel: top-left | top-right | bottom-left | bottom-right"),
+    style_prefix: Optional[str] = typer.Option(None, help="style: prompt prefix of the target style"),
+    object_source: Optional[str] = typer.Option(None, help="object: word A"),
+    object_target: Optional[str] = typer.Option(None, help="object: object B drawn instead"),
+    data: Optional[str] = typer.Option(None, help="'toy' or an imagefolder directory with metadata.jsonl"),
+    steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
+    seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
+    allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+) -> None:
+    """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
+    from sealdiff.attacks import run_attack
+    from sealdiff.attacks.badt2i import BadT2IConfig
+    from sealdiff.config import build_config
+
+    _threads(threads)
+    cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
+                       trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
+                       object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
+                       batch_size=batch_size, train=train, seed=seed)
+    if output.exists() and not overwrite:
+        raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    console.print(f"backdoored pipeline written to [bold]{output}[/bold]")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable); \\u200b escapes allowed"),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file (a grid when several prompts)"),
+    seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(20), guidance: float = typer.Option(4.0),
+    overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
+) -> None:
+    """Generate images for prompts with fixed seeds."""
+    from sealdiff.metrics.generate import generate as run
+    from sealdiff.models.loading import load_t2i
+    from sealdiff.report.images import save_grid
+
+    if output.exists() and not overwrite:
+        raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    prompts = [decode_escapes(p) for p in prompt]
+    if not all(p.strip() for p in prompts):
+        raise SealdiffError("empty prompt")
+    pipe = load_t2i(model, allow_pickle=allow_pickle)
+    images = run(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
+    save_grid(images, output)
+    console.print(f"wrote {output}")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
+    trigger: Optional[str] = typer.Option(None, help="trigger (default: from the model's sealdiff.json)"),
+    kind: Optional[str] = typer.Option(None, help="pixel | style | object (default: from sealdiff.json)"),
+    count: int = typer.Option(200, help="prompts per set"), seed: int = typer.Option(1234, "--seed"),
+    judge: Optional[Path] = typer.Option(None, help="toy judge directory (default: the zoo's)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write metrics JSON here"),
+    allow_pickle: bool = PickleOption,
+) -> None:
+    """Attack success, false-trigger rate and clean accuracy on fixed prompts and seeds."""
+    from sealdiff.io import read_run_info, to_jsonable
+    from sealdiff.metrics.backdoor import Target, evaluate_backdoor
+    from sealdiff.metrics.judge import ToyJudge
+    from sealdiff.models import zoo
+    from sealdiff.models.loading import resolve_model
+
+    directory = resolve_model(model)
+    info = read_run_info(directory)
+    attack = info.get("attack", {})
+    target = Target.from_run_info(info) if attack else Target(kind=kind or "pixel")
+    if kind:
+        target.kind = kind
+    trig = decode_escapes(trigger) if trigger else attack.get("trigger")
+    if not trig:
+        raise SealdiffError("no trigger given and the model's sealdiff.json names none; pass --trigger")
+    from sealdiff.models.loading import load_t2i
+
+    pipe = load_t2i(directory, allow_pickle=allow_pickle)
+    toy_judge = ToyJudge.load(judge or zoo.zoo_dir() / "toy-judge")
+    metrics, _ = evaluate_backdoor(pipe, target, trig, toy_judge, count, seed,
+                                   trigger_position=attack.get("trigger_position", "start"))
+    table = Table("metric", "value")
+    table.add_row("attack success (triggered)", f"{metrics.attack_success:.1%}")
+    table.add_row("false trigger (clean)", f"{metrics.false_trigger:.1%}")
+    for key, value in metrics.clean_accuracy.items():
+        table.add_row(f"clean {key} accuracy", f"{value:.1%}")
+    console.print(table)
+    if output:
+        output.write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
+
+
+@app.command()
+def demo(quick: bool = typer.Option(False, "--quick", help="fewer prompts and steps (about 2 minutes)"),
+         output: Path = typer.Option(Path("runs/demo"), "-o", "--output", help="where the demo writes its results"),
+         ) -> None:
+    """The main job on the embedded default: zoo model -> BadT2I pixel backdoor -> measured attack success."""
+    from sealdiff.demo import run_demo
+
+    run_demo(output, quick=quick, console=console)
