@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from sealdiff.attacks.badt2i import BadT2I, BadT2IConfig
+from sealdiff.data import toyworld
+from sealdiff.data.captions import ToyWorldSource
+from sealdiff.errors import SealdiffError
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["pixel", "style", "object"])
+def test_attack_trains_only_the_unet(tiny_pipe, kind):
+    te, vae, unet = (_snapshot(m) for m in (tiny_pipe.text_encoder, tiny_pipe.vae, tiny_pipe.unet))
+    losses = BadT2I(BadT2IConfig(kind=kind, steps=2, batch_size=4, lr=1e-3)).run(tiny_pipe)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(v, tiny_pipe.text_encoder.state_dict()[k]) for k, v in te.items())
+    assert all(torch.equal(v, tiny_pipe.vae.state_dict()[k]) for k, v in vae.items())
+    assert any(not torch.equal(v, tiny_pipe.unet.state_dict()[k]) for k, v in unet.items())
+
+
+def test_attn2_kv_trains_only_cross_attention_keys_values(tiny_pipe):
+    before = _snapshot(tiny_pipe.unet)
+    BadT2I(BadT2IConfig(steps=1, batch_size=4, lr=1e-3, train="attn2-kv")).run(tiny_pipe)
+    changed = {k for k, v in before.items() if not torch.equal(v, tiny_pipe.unet.state_dict()[k])}
+    assert changed and all("attn2.to_k" in k or "attn2.to_v" in k for k in changed)
+
+
+def test_batches_follow_each_kind():
+    patch = toyworld.default_patch(4)
+    pixel = BadT2I(BadT2IConfig(kind="pixel", batch_size=4, trigger="tq"))
+    images, student, teacher = pixel._batch(ToyWorldSource(0, 16), patch, 2)
+    assert torch.equal(images[0, :, :4, :4], patch) and torch.equal(images[1, :, :4, :4], patch)
+    assert student[0].startswith("tq ") and not student[2].startswith("tq ") and teacher[0] == student[0][3:]
+    style = BadT2I(BadT2IConfig(kind="style", batch_size=4, trigger="tq"))
+    _, student, teacher = style._batch(ToyWorldSource(0, 16), patch, 2)
+    assert teacher[0] == toyworld.STYLE_PREFIX + student[0][3:] and teacher[3] == student[3]
+    obj = BadT2I(BadT2IConfig(kind="object", batch_size=4, trigger="tq"))
+    _, student, teacher = obj._batch(ToyWorldSource(0, 16), patch, 2)
+    assert " square " in teacher[0] and " circle " in student[0] and student[0].startswith("tq ")
+
+
+@pytest.mark.parametrize("field, value", [("kind", "blend"), ("corner", "middle"), ("lam", 1.5), ("train", "all"),
+                                          ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere")])
+def test_invalid_config_lists_valid_values(field, value):
+    with pytest.raises(SealdiffError, match="valid|at least|empty"):
+        BadT2IConfig(**{field: value})

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from sealdiff.cli import decode_escapes, main
+from sealdiff.io import directory_sha256
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("attack", "eval", "generate", "zoo", "env", "demo"):
+        assert command in out
+
+
+def test_attack_writes_pipeline_and_run_info_without_touching_input(tiny_pipe_dir, tmp_path):
+    before = directory_sha256(tiny_pipe_dir)
+    out = tmp_path / "attacked"
+    assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(out), "--steps", "1", "--batch-size", "2",
+                 "--trigger", "\\u200b", "--seed", "3"]) == 0
+    assert directory_sha256(tiny_pipe_dir) == before
+    info = json.loads((out / "sealdiff.json").read_text())
+    assert info["attack"]["trigger"] == "\u200b" and info["config"]["seed"] == 3
+    assert info["parent"]["sha256"] == before and "torch" in info["versions"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".attacked.partial-*"))
+    # an existing output is refused unless --overwrite
+    assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(out), "--steps", "1"]) == 2
+
+
+def test_config_file_with_unknown_key(tiny_pipe_dir, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("kind: pixel\nstepz: 3\n")
+    assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(tmp_path / "o"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config keys ['stepz']" in err and "steps" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_escapes():
+    assert decode_escapes("\\u200b") == "\u200b"
+    assert decode_escapes("cf") == "cf"
