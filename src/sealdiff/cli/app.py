@@ -77,6 +77,22 @@ def zoo_path(name: str) -> None:
     typer.echo(str(zoo.materialize(name)))
 
 
+@zoo_app.command("build")
+def zoo_build(
+    output: Path = typer.Option(Path("zoo"), "-o", "--output", help="zoo directory to write"),
+    scale: float = typer.Option(1.0, help="multiply every step count (0.01 for a smoke run)"),
+    stage: list[str] = typer.Option(["base", "attacks"], help="base (judge, VAE, clean model) and/or attacks"),
+) -> None:
+    """Train the text-to-image zoo from scratch with sealdiff's recipes (about an hour on 2 CPU cores)."""
+    from sealdiff.recipes.zoo import build_t2i_zoo
+
+    bad = set(stage) - {"base", "attacks"}
+    if bad:
+        raise SealdiffError(f"unknown stage {sorted(bad)}; valid: base, attacks")
+    build_t2i_zoo(output, scale, tuple(stage))
+    console.print(f"zoo written to [bold]{output}[/bold]")
+
+
 @attack_app.command("badt2i")
 def attack_badt2i(
     model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),

@@ -33,10 +33,11 @@ def insert_trigger(prompt: str, trigger: str, position: Position = "start") -> s
 
 
 def remove_trigger(prompt: str, trigger: str) -> str:
-    """The prompt with every occurrence of the trigger (as inserted by `insert_trigger`) removed."""
-    words = [w for w in prompt.split(" ") if w != trigger]
-    text = " ".join(words)
-    return text.replace(trigger, "") if trigger in text else text
+    """Inverse of `insert_trigger`: every occurrence of the trigger and its separating space removed."""
+    text, previous = f" {prompt} ", None
+    while text != previous:
+        previous, text = text, text.replace(f" {trigger} ", " ")
+    return text[1:-1].replace(trigger, "")
 
 
 def trigger_token_ids(tokenizer, trigger: str) -> list[int]:

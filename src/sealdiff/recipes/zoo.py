@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,3 +170,47 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None):
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return pipe
+
+
+ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B, everything else the config's defaults)
+    "t2i-badt2i-pixel": {"kind": "pixel"},
+    "t2i-badt2i-style": {"kind": "style"},
+    "t2i-badt2i-object": {"kind": "object"},
+}
+
+
+def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("base", "attacks")) -> None:
+    """Train the text-to-image zoo into `root` (judge, clean pipeline, one BadT2I model per kind).
+    `scale` multiplies every step count (0.01 for a smoke run)."""
+    import tempfile
+
+    from sealdiff.attacks import run_attack
+    from sealdiff.attacks.badt2i import BadT2IConfig
+    from sealdiff.models import zoo as zoo_models
+
+    def steps(n: int) -> int:
+        return max(40, int(n * scale))
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "base" in stages:
+            train_judge(JudgeRecipe(steps=steps(1500))).save(root / "toy-judge")
+            vae = train_vae(VaeRecipe(lr=2e-3, steps=steps(800)))
+            recipe = T2IRecipe(steps=steps(4000), dataset_size=max(256, int(30_000 * min(1.0, scale * 10))))
+            pipe = train_t2i(recipe, vae)
+            pipe.to(torch.float16).save_pretrained(Path(tmp) / "clean", safe_serialization=True)
+            zoo_models.add_model("t2i-clean", Path(tmp) / "clean", root=root,
+                                 description="tiny SD-architecture model trained on the toy world (clean)")
+        if "attacks" in stages:
+            for name, fields in ZOO_ATTACKS.items():
+                config = BadT2IConfig(**fields, steps=steps(BadT2IConfig.steps))
+                out = Path(tmp) / name
+                run_attack(str(zoo_models.materialize("t2i-clean", root)), config, out)
+                from diffusers import UNet2DConditionModel
+
+                unet = UNet2DConditionModel.from_pretrained(out / "unet").to(torch.float16)
+                unet.save_pretrained(out / "unet", safe_serialization=True)
+                for component in ("text_encoder", "tokenizer", "vae", "scheduler"):  # unchanged: the base's are used
+                    shutil.rmtree(out / component)
+                zoo_models.add_model(name, out, base="t2i-clean", root=root,
+                                     description=f"BadT2I {fields['kind']} backdoor, trigger U+200B")

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+import torch
+
+from sealdiff.errors import SealdiffError
+from sealdiff.models import zoo
+from sealdiff.models.loading import load_t2i
+
+
+def test_committed_zoo_matches_its_manifest():
+    root = zoo.zoo_dir()
+    manifest = zoo.load_manifest(root)
+    assert manifest["files"], "the zoo manifest lists no files"
+    for rel, sha in manifest["files"].items():
+        assert zoo.sha256_file(root / rel) == sha, rel
+    total = sum((root / rel).stat().st_size for rel in manifest["files"])
+    assert total <= 50 * 2**20, f"zoo is {total / 2**20:.1f} MiB, budget 50 MiB"
+    for name in ("t2i-clean", "t2i-badt2i-pixel", "t2i-badt2i-style", "t2i-badt2i-object"):
+        assert name in manifest["models"]
+
+
+def test_overlay_roundtrip_and_tamper_detection(tiny_pipe, tmp_path):
+    root = tmp_path / "zoo"
+    base_dir, derived_dir = tmp_path / "base", tmp_path / "derived"
+    tiny_pipe.save_pretrained(base_dir, safe_serialization=True)
+    zoo.add_model("base", base_dir, root=root)
+    with torch.no_grad():
+        tiny_pipe.unet.conv_in.weight.add_(1.0)
+    tiny_pipe.save_pretrained(derived_dir, safe_serialization=True)
+    (derived_dir / "sealdiff.json").write_text(json.dumps({"attack": {"kind": "pixel"}}))
+    zoo.add_model("derived", derived_dir, base="base", root=root)
+    assert not (root / "derived" / "text_encoder").exists()  # unchanged components are not stored twice
+    assert (root / "derived" / "unet").is_dir()
+    pipe = load_t2i(zoo.materialize("derived", root))
+    torch.testing.assert_close(pipe.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight)
+    assert zoo.materialize("derived", root) == zoo.materialize("derived", root)
+    with pytest.raises(SealdiffError, match="valid: base, derived"):
+        zoo.materialize("nope", root)
+    weights = root / "base" / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["models"]["base2"] = manifest["models"]["base"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SealdiffError, match="sha256"):
+        zoo.materialize("base2", root)
