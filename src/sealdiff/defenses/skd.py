@@ -295,6 +295,8 @@ def select_trainable(unet, mode: str, config: SKDConfig | None = None) -> list[t
         from peft import LoraConfig
 
         config = config or SKDConfig(trigger="unused", trainable="lora")
+        if has_lora(unet):
+            raise SealdiffError("this UNet already carries a LoRA adapter; save it merged and train on that instead")
         unet.requires_grad_(False)
         lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
                           init_lora_weights="gaussian", target_modules=list(config.lora_targets))
