@@ -40,3 +40,20 @@ def test_config_file_with_unknown_key(tiny_pipe_dir, tmp_path, capsys):
 def test_escapes():
     assert decode_escapes("\\u200b") == "\u200b"
     assert decode_escapes("cf") == "cf"
+
+
+def test_remove_and_sau_generate(tiny_pipe_dir, tmp_path):
+    attacked = tmp_path / "attacked"
+    assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(attacked), "--steps", "1", "--batch-size", "2"]) == 0
+    repaired = tmp_path / "repaired"
+    assert main(["remove", str(attacked), "-o", str(repaired), "--method", "skd-cag", "--steps", "2",
+                 "--prompt-count", "2", "--measure", "0", "--lr", "1e-3"]) == 0
+    info = json.loads((repaired / "sealdiff.json").read_text())
+    assert info["defense"] == "skd-cag" and info["trigger"] == "\u200b" and len(info["losses"]) == 2
+    assert info["parent"]["sha256"] == directory_sha256(attacked)
+    grid = tmp_path / "sau.png"
+    assert main(["generate", str(repaired), "-p", "\\u200b a red circle on a blue background", "-o", str(grid),
+                 "--defense", "sau", "--trigger", "\\u200b", "--steps", "2"]) == 0
+    assert grid.stat().st_size > 0
+    assert main(["remove", str(attacked), "-o", str(tmp_path / "x"), "--method", "sau"]) == 2
+    assert main(["remove", str(attacked), "-o", str(tmp_path / "x"), "--method", "nope"]) == 2

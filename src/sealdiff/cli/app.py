@@ -133,9 +133,11 @@ def generate(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable); \\u200b escapes allowed"),
     output: Path = typer.Option(..., "-o", "--output", help="PNG file (a grid when several prompts)"),
     seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(20), guidance: float = typer.Option(4.0),
-    overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
+    defense: Optional[str] = typer.Option(None, help="inference-time defense: sau"),
+    trigger: Optional[str] = typer.Option(None, help="the trigger, for --defense sau (\\u200b escapes allowed)"),
+    config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
 ) -> None:
-    """Generate images for prompts with fixed seeds."""
+    """Generate images for prompts with fixed seeds (optionally through SAU)."""
     from sealdiff.metrics.generate import generate as run
     from sealdiff.models.loading import load_t2i
     from sealdiff.report.images import save_grid
@@ -146,8 +148,20 @@ def generate(
     if not all(p.strip() for p in prompts):
         raise SealdiffError("empty prompt")
     pipe = load_t2i(model, allow_pickle=allow_pickle)
-    images = run(pipe, prompts, [seed + i for i in range(len(prompts))], steps, guidance)
-    save_grid(images, output)
+    seeds = [seed + i for i in range(len(prompts))]
+    if defense is None:
+        images = run(pipe, prompts, seeds, steps, guidance)
+    elif defense == "sau":
+        from sealdiff.config import build_config
+        from sealdiff.defenses.sau import SAUConfig, generate_with_sau
+
+        if not trigger:
+            raise SealdiffError("--defense sau needs --trigger")
+        images = generate_with_sau(pipe, prompts, decode_escapes(trigger), build_config(SAUConfig, config),
+                                   seeds=seeds, num_inference_steps=steps, guidance_scale=guidance)
+    else:
+        raise SealdiffError(f"unknown inference-time defense {defense!r}; valid: sau")
+    save_grid(images.float().cpu(), output)
     console.print(f"wrote {output}")
 
 
@@ -161,4 +175,4 @@ def demo(quick: bool = typer.Option(False, "--quick", help="fewer prompts and st
     run_demo(output, quick=quick, console=console)
 
 
-from sealdiff.cli import eval_report  # noqa: E402,F401  (registers `eval` and `report`)
+from sealdiff.cli import eval_report, remove  # noqa: E402,F401  (register their commands)

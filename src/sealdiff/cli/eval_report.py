@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,45 +9,92 @@ import typer
 from rich.table import Table
 
 from sealdiff.cli import decode_escapes
-from sealdiff.cli.app import PickleOption, app, console
+from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, app, console
 from sealdiff.errors import SealdiffError
+
+
+def _fmt(metric) -> str:
+    return "—" if metric.value is None else f"{metric.value:.4g}"
 
 
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
-    trigger: Optional[str] = typer.Option(None, help="trigger (default: from the model's sealdiff.json)"),
+    trigger: Optional[str] = typer.Option(None, help="trigger (default: from the model's sealdiff.json); \\u200b escapes allowed"),
     kind: Optional[str] = typer.Option(None, help="pixel | style | object (default: from sealdiff.json)"),
-    count: int = typer.Option(200, help="prompts per set"), seed: int = typer.Option(1234, "--seed"),
+    trigger_position: Optional[str] = typer.Option(None, help="start | end | word index (default: from sealdiff.json)"),
+    count: Optional[int] = typer.Option(None, help="prompts per set [200]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="image i uses seed SEED+i [1234]"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps [20]"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale [4.0]"),
+    batch_size: Optional[int] = typer.Option(None, help="images per generation batch [50]"),
     judge: Optional[Path] = typer.Option(None, help="toy judge directory (default: the zoo's)"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write metrics JSON here"),
-    allow_pickle: bool = PickleOption,
+    reference: Optional[str] = typer.Option(None, help="reference model (pre-attack / pre-repair) for SSIM/MSE/FID"),
+    clip: Optional[Path] = typer.Option(None, help="local CLIPModel directory for the CLIP score"),
+    lpips: Optional[Path] = typer.Option(None, help="LPIPS AlexNet weights (.safetensors) for LPIPS vs reference"),
+    fid_features: Optional[Path] = typer.Option(None, help="local transformers vision model directory for FID"),
+    label: Optional[str] = typer.Option(None, help="run label in reports (default: the model's name)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="write an evaluation run directory here"),
+    config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
 ) -> None:
-    """Attack success, false-trigger rate and clean accuracy on fixed prompts and seeds."""
-    from sealdiff.io import read_run_info, to_jsonable
-    from sealdiff.metrics.backdoor import Target, evaluate_backdoor
-    from sealdiff.metrics.judge import ToyJudge
-    from sealdiff.models import zoo
-    from sealdiff.models.loading import load_t2i, resolve_model
+    """Per-judge attack success, false triggers, removal accuracy and utility on fixed prompts and seeds."""
+    import dataclasses
 
+    from sealdiff.config import build_config
+    from sealdiff.metrics.backdoor import Target
+    from sealdiff.metrics.evaluate import EvalConfig, TARGET_KINDS, attack_from_model, evaluate_model
+    from sealdiff.models.loading import resolve_model
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if output is not None and output.exists() and not overwrite:
+        raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    if kind is not None and kind not in TARGET_KINDS:
+        raise SealdiffError(f"--kind {kind!r} is invalid; valid: {', '.join(TARGET_KINDS)}")
+    cfg = build_config(EvalConfig, config, count=count, seed=seed, steps=steps, guidance=guidance,
+                       batch_size=batch_size, judge=judge, reference=reference, clip=clip, lpips=lpips,
+                       fid_features=fid_features, trigger_position=trigger_position, label=label,
+                       allow_pickle=allow_pickle or None)
     directory = resolve_model(model)
-    info = read_run_info(directory)
-    attack = info.get("attack", {})
-    target = Target.from_run_info(info) if attack else Target(kind=kind or "pixel")
+    attack = attack_from_model(directory)
+    target = Target.from_run_info({"attack": attack}) if attack.get("kind") else Target(kind=kind or "pixel")
     if kind:
-        target.kind = kind
+        target = dataclasses.replace(target, kind=kind)
     trig = decode_escapes(trigger) if trigger else attack.get("trigger")
     if not trig:
         raise SealdiffError("no trigger given and the model's sealdiff.json names none; pass --trigger")
-    pipe = load_t2i(directory, allow_pickle=allow_pickle)
-    toy_judge = ToyJudge.load(judge or zoo.zoo_dir() / "toy-judge")
-    metrics, _ = evaluate_backdoor(pipe, target, trig, toy_judge, count, seed,
-                                   trigger_position=attack.get("trigger_position", "start"))
-    table = Table("metric", "value")
-    table.add_row("attack success (triggered)", f"{metrics.attack_success:.1%}")
-    table.add_row("false trigger (clean)", f"{metrics.false_trigger:.1%}")
-    for key, value in metrics.clean_accuracy.items():
-        table.add_row(f"clean {key} accuracy", f"{value:.1%}")
+    result = evaluate_model(model, trig, target, cfg,
+                            output=output, overwrite=overwrite)
+
+    table = Table("judge", "attack success (triggered)", "false trigger (clean)", "removal accuracy",
+                  title=f"{result.label}: {result.config.count} prompts, backdoor {target.kind}")
+    for name, m in result.judges.items():
+        mark = " *" if name == result.primary_judge else ""
+        table.add_row(name + mark, f"{m.attack_success:.1%}", f"{m.false_trigger:.1%}", f"{m.removal_accuracy:.1%}")
     console.print(table)
+    utility = Table("utility (clean prompts)", "value", "note")
+    for key, value in result.utility.attribute_accuracy.items():
+        utility.add_row(f"clean {key} accuracy", f"{value:.1%}", "toy judge")
+    for key in ("ssim", "mse", "lpips", "toy_fid", "fid", "clip_score"):
+        metric = getattr(result.utility, key)
+        utility.add_row(key, _fmt(metric), metric.reason or metric.source or "")
+    console.print(utility)
     if output:
-        output.write_text(json.dumps(to_jsonable(metrics), indent=2) + "\n")
+        console.print(f"evaluation run written to [bold]{output}[/bold]")
+
+
+@app.command("report")
+def report(
+    runs: list[Path] = typer.Argument(..., help="evaluation run directories (from `sealdiff eval -o`)"),
+    output: Path = typer.Option(..., "-o", "--output", help="HTML file to write"),
+    title: str = typer.Option("sealdiff report", help="page title"),
+    overwrite: bool = OverwriteOption,
+) -> None:
+    """One self-contained HTML page: grids per run for the same prompts and seeds, metrics, plots, losses."""
+    from sealdiff.report.html import write_report
+
+    write_report(runs, output, title=title, overwrite=overwrite)
+    console.print(f"report written to [bold]{output}[/bold]")
