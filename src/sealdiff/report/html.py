@@ -1,0 +1,340 @@
+"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`).
+
+Everything is inline: images and plots are PNG data URIs, the style sheet is embedded, there is no
+script and no external resource. The page shows the runs' image grids side by side for the same prompts
+and seeds, the metrics table (absent metrics as a dash with their reason), the judges' accuracy on
+labelled renders, plots of removal accuracy and utility per run, and training-loss curves where a run's
+sealdiff.json (or its model's) records `losses`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from sealdiff.errors import SealdiffError
+from sealdiff.io import read_run_info
+from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, UTILITY_METRICS, grid_name, read_eval_run
+from sealdiff.report.images import data_uri
+
+logger = logging.getLogger(__name__)
+
+SET_TITLES = {"triggered": "Triggered prompts", "clean": "Clean prompts",
+              "reference": "Reference model, clean prompts"}
+METRIC_NAMES = {"ssim": "SSIM", "mse": "MSE", "lpips": "LPIPS", "toy_fid": "toy FID", "fid": "FID",
+                "clip_score": "CLIP score"}
+METRIC_TITLES = {"ssim": "SSIM ↑", "mse": "MSE ↓", "lpips": "LPIPS ↓", "toy_fid": "toy FID ↓", "fid": "FID ↓",
+                 "clip_score": "CLIP ↑"}
+GRID_PROMPTS = 16
+
+
+@dataclass
+class Run:
+    """One evaluation run as the report sees it."""
+
+    label: str
+    path: Path
+    metrics: dict
+    info: dict
+    grids: dict[str, Path] = field(default_factory=dict)
+    losses: dict[str, list[float]] = field(default_factory=dict)  # source -> curve
+
+
+def _numbers(value) -> list[float] | None:
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [float(v) for v in value]
+    return None
+
+
+def find_losses(info: dict) -> list[float] | None:
+    """`losses` of a sealdiff.json: top level, or one level down (e.g. a removal run's `result`)."""
+    direct = _numbers(info.get("losses"))
+    if direct:
+        return direct
+    for value in info.values():
+        if isinstance(value, dict) and _numbers(value.get("losses")):
+            return _numbers(value["losses"])
+    return None
+
+
+def load_run(directory: str | Path) -> Run:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SealdiffError(f"run directory {directory} does not exist")
+    metrics = read_eval_run(directory)
+    info = read_run_info(directory)
+    label = info.get("label") or directory.name
+    grids = {s: directory / grid_name(s) for s in IMAGE_SETS if (directory / grid_name(s)).is_file()}
+    losses = {}
+    own = find_losses(info)
+    if own:
+        losses["run"] = own
+    model_path = Path(metrics["model"]["path"])
+    if not own and model_path.is_dir():
+        model_losses = find_losses(read_run_info(model_path))
+        if model_losses:
+            losses["model"] = model_losses
+    return Run(label=str(label), path=directory, metrics=metrics, info=info, grids=grids, losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _figure_uri(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bars(runs: list[Run], series: dict[str, list[float | None]], title: str, ylabel: str, ylim=None) -> str:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(4.5, 1.2 * len(runs) * max(1, len(series)) ** 0.5 + 2), 3.2))
+    axis = figure.add_subplot()
+    x = np.arange(len(runs))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        heights = [np.nan if v is None else v for v in values]
+        axis.bar(x + (k - (len(series) - 1) / 2) * width, heights, width, label=name)
+    axis.set_xticks(x, [r.label for r in runs], rotation=20 if len(runs) > 3 else 0, ha="right" if len(runs) > 3 else "center")
+    axis.set_title(title)
+    axis.set_ylabel(ylabel)
+    if ylim:
+        axis.set_ylim(*ylim)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _figure_uri(figure)
+
+
+def removal_plot(runs: list[Run]) -> str:
+    series = {j: [r.metrics["judges"][j]["removal_accuracy"] for r in runs] for j in JUDGES}
+    return _bars(runs, series, "Removal accuracy per judge (1 − attack success)", "removal accuracy", (0, 1.05))
+
+
+def utility_plot(runs: list[Run]) -> str:
+    series: dict[str, list[float | None]] = {
+        f"toy {k} accuracy": [r.metrics["utility"]["attribute_accuracy"][k] for r in runs] for k in ("shape", "fg", "bg")}
+    ssims = [r.metrics["utility"]["ssim"]["value"] for r in runs]
+    if any(v is not None for v in ssims):
+        series["SSIM vs reference"] = ssims
+    return _bars(runs, series, "Utility on clean prompts", "score", (0, 1.05))
+
+
+def loss_plot(runs: list[Run]) -> str | None:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    curves = [(r.label + ("" if source == "run" else " (model)"), values) for r in runs for source, values in r.losses.items()]
+    if not curves:
+        return None
+    figure = Figure(figsize=(6.5, 3.2))
+    axis = figure.add_subplot()
+    for name, values in curves:
+        y = np.asarray(values)
+        line, = axis.plot(np.arange(1, len(y) + 1), y, alpha=0.35 if len(y) > 50 else 1.0, linewidth=1)
+        if len(y) > 50:
+            window = max(2, len(y) // 50)
+            smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+            axis.plot(np.arange(window, len(y) + 1), smooth, color=line.get_color(), linewidth=1.8, label=name)
+        else:
+            line.set_label(name)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_title("Training loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    if all(v > 0 for _, values in curves for v in values):
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+# ---------------------------------------------------------------------------------------------- html
+
+STYLE = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#1d232a;
+     background:#fff;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:32px;border-bottom:1px solid #d8dee4;padding-bottom:4px}
+.sub{color:#57606a;margin-top:0}
+table{border-collapse:collapse;font-size:0.88em;margin:8px 0}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}
+th{background:#f3f5f7}td.l,th.l{text-align:left}
+td.absent{color:#8c959f;text-align:center}
+.grids{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+figure{margin:0;border:1px solid #d0d7de;padding:6px;background:#fafbfc}
+figure img{image-rendering:pixelated;display:block;max-width:560px}
+figcaption{font-size:0.85em;margin-top:4px;text-align:center;font-weight:600}
+.plots img{max-width:49%;margin:8px 0 0 0;vertical-align:top}
+.warn{background:#fff8c5;border:1px solid #d4a72c;padding:6px 10px}
+.note{color:#57606a;font-size:0.85em}
+code{background:#f3f5f7;padding:0 3px}
+ol.prompts{font-size:0.8em;columns:2;color:#57606a}
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def _visible(text: str) -> str:
+    """A trigger with invisible characters made visible (U+200B -> \\u200b)."""
+    return "".join(c if c.isprintable() and not c.isspace() or c == " " else f"\\u{ord(c):04x}" for c in text)
+
+
+def _metric_cell(metric: dict) -> str:
+    if metric["value"] is None:
+        return f'<td class="absent" title="{_e(metric["reason"])}">—</td>'
+    return f'<td title="{_e(metric.get("source") or "")}">{metric["value"]:.4g}</td>'
+
+
+def _consistency(runs: list[Run]) -> str:
+    keys = [(tuple(r.info.get("prompts", {}).get("clean", [])), tuple(r.info.get("seeds", [])),
+             r.metrics["steps"], r.metrics["guidance"]) for r in runs]
+    if len(set(keys)) == 1:
+        m = runs[0].metrics
+        return (f'<p class="note">All runs use the same {m["count"]} clean prompts (and their triggered versions), '
+                f'seeds {m["seed"]}…{m["seed"] + m["count"] - 1}, {m["steps"]} steps, guidance {m["guidance"]:g}.</p>')
+    first = keys[0]
+    differ = [r.label for r, k in zip(runs, keys) if k != first]
+    return (f'<p class="warn">Runs differ in prompts, seeds, steps or guidance ({_e(", ".join(differ))} differ from '
+            f'{_e(runs[0].label)}): their images are not the same prompts and seeds.</p>')
+
+
+def render_html(runs: list[Run], title: str = "sealdiff report") -> str:
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>",
+             f"<h1>{_e(title)}</h1>",
+             f'<p class="sub">{len(runs)} evaluation run{"s" if len(runs) != 1 else ""}: '
+             f'{_e(", ".join(r.label for r in runs))}</p>']
+
+    parts.append("<h2>Runs</h2><table><tr><th class=l>run</th><th class=l>model</th><th class=l>sha256</th>"
+                  "<th class=l>reference</th><th class=l>trigger</th><th class=l>target</th><th>prompts</th></tr>")
+    for r in runs:
+        m = r.metrics
+        ref = m["reference"]["spec"] if m["reference"] else "—"
+        target = m["target"]["kind"]
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(m['model']['spec'])}</code></td>"
+                     f"<td class=l><code>{_e(m['model']['sha256'][:12])}</code></td><td class=l>{_e(ref)}</td>"
+                     f"<td class=l><code>{_e(_visible(m['trigger']))}</code> ({_e(m['trigger_position'])})</td>"
+                     f"<td class=l>{_e(target)}</td><td>{m['count']}</td></tr>")
+    parts.append("</table>")
+    parts.append(_consistency(runs))
+
+    parts.append("<h2>Metrics</h2><table><tr><th class=l>run</th><th>judge</th><th>attack success</th>"
+                 "<th>removal accuracy</th><th>false trigger</th>"
+                 + "".join(f"<th>ASR {j}</th>" for j in JUDGES)
+                 + "".join(f"<th>toy {k}</th>" for k in ("shape", "fg", "bg"))
+                 + "".join(f"<th>{_e(METRIC_TITLES[k])}</th>" for k in UTILITY_METRICS) + "</tr>")
+    reasons: dict[str, set[str]] = {}
+    for r in runs:
+        m, u = r.metrics, r.metrics["utility"]
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td>{_e(m['primary_judge'])}</td><td>{_pct(m['attack_success'])}</td>"
+                     f"<td>{_pct(m['removal_accuracy'])}</td><td>{_pct(m['false_trigger'])}</td>"
+                     + "".join(f"<td>{_pct(m['judges'][j]['attack_success'])}</td>" for j in JUDGES)
+                     + "".join(f"<td>{_pct(u['attribute_accuracy'][k])}</td>" for k in ("shape", "fg", "bg"))
+                     + "".join(_metric_cell(u[k]) for k in UTILITY_METRICS) + "</tr>")
+        for k in UTILITY_METRICS:
+            if u[k]["value"] is None:
+                reasons.setdefault(u[k]["reason"], set()).add(METRIC_NAMES[k])
+    parts.append("</table>")
+    parts.append('<p class="note">Attack success: share of triggered prompts whose image the judge reads as the '
+                 "target; false trigger: the same on clean prompts; toy shape/fg/bg: the toy judge reads the clean "
+                 "image as its caption says; SSIM/MSE/LPIPS/FID: clean images against the reference model's "
+                 "for the same prompts and seeds.</p>")
+    if reasons:
+        parts.append('<p class="note">Absent metrics (—): ' + "; ".join(
+            f"{_e(', '.join(sorted(names)))}: {_e(reason)}" for reason, names in sorted(reasons.items())) + "</p>")
+
+    for image_set in IMAGE_SETS:
+        with_set = [r for r in runs if image_set in r.grids]
+        if not with_set:
+            continue
+        parts.append(f"<h2>{_e(SET_TITLES[image_set])}</h2><div class=\"grids\">")
+        for r in with_set:
+            picture = Image.open(r.grids[image_set]).convert("RGB")
+            hits = _grid_hits(r, image_set)
+            parts.append(f'<figure><img alt="{_e(r.label)} {image_set}" src="{data_uri(picture)}">'
+                         f"<figcaption>{_e(r.label + hits)}</figcaption></figure>")
+        parts.append("</div>")
+        prompts = with_set[0].info.get("prompts", {}).get(image_set, [])[:GRID_PROMPTS]
+        seeds = with_set[0].info.get("seeds", [])
+        if prompts:
+            parts.append("<details><summary class=\"note\">prompts and seeds of the grid images (row by row)"
+                         "</summary><ol class=\"prompts\">" + "".join(
+                             f"<li><code>{_e(_visible(p))}</code> — seed {seeds[i] if i < len(seeds) else '?'}</li>"
+                             for i, p in enumerate(prompts)) + "</ol></details>")
+    parts.append("<h2>Plots</h2><div class=\"plots\">")
+    parts.append(f'<img alt="removal accuracy per run" src="{removal_plot(runs)}">')
+    parts.append(f'<img alt="utility per run" src="{utility_plot(runs)}">')
+    losses = loss_plot(runs)
+    if losses:
+        parts.append(f'<img alt="training loss" src="{losses}">')
+    else:
+        parts.append('<p class="note">No training losses recorded in the runs or their models.</p>')
+    parts.append("</div>")
+
+    parts.append("<h2>Judges on labelled renders</h2><table><tr><th class=l>run</th>"
+                 + "".join(f"<th>{j} accuracy</th><th>{j} TPR</th><th>{j} TNR</th>" for j in JUDGES) + "</tr>")
+    for r in runs:
+        acc = r.metrics["judge_accuracy"]
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td>" + "".join(
+            f"<td>{_pct(acc[j]['accuracy'])}</td><td>{_pct(acc[j]['true_positive_rate'])}</td>"
+            f"<td>{_pct(acc[j]['true_negative_rate'])}</td>" for j in JUDGES) + "</tr>")
+    parts.append("</table><p class=\"note\">Toy renders plain, with the patch, in grayscale and both; TPR: hits "
+                 "where the target is present, TNR: no hit where it is absent.</p>")
+
+    parts.append('<p class="note">Generated by sealdiff report.</p></body></html>\n')
+    return "\n".join(parts)
+
+
+def _grid_hits(run: Run, image_set: str) -> str:
+    metrics = run.metrics
+    if image_set == "triggered":
+        return f" — attack success {_pct(metrics['attack_success'])}"
+    if image_set == "clean":
+        return f" — false trigger {_pct(metrics['false_trigger'])}"
+    return f" — reference {metrics['reference']['spec']}" if metrics["reference"] else ""
+
+
+def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "sealdiff report",
+                 overwrite: bool = False) -> Path:
+    """Write one self-contained HTML page for the evaluation runs; atomically (temp file, then rename)."""
+    if not run_dirs:
+        raise SealdiffError("no run directories given")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    runs = [load_run(d) for d in run_dirs]
+    labels = [r.label for r in runs]
+    for i, r in enumerate(runs):  # disambiguate repeated labels
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} ({r.path.name})" if r.path.name != r.label else f"{r.label} #{i + 1}"
+    page = render_html(runs, title)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.",
+                                         suffix=".partial", delete=False)
+    try:
+        with handle:
+            handle.write(page)
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, output)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    logger.info("wrote report %s", output)
+    return output
