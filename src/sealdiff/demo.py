@@ -1,49 +1,94 @@
-"""`sealdiff demo`: the main job on the embedded default, end to end, with progress bars."""
+"""`sealdiff demo`: the main job on the embedded default, end to end.
+
+1. Take the zoo's clean model and its U+200B pixel backdoor (`t2i-badt2i-pixel`).
+2. Repair the backdoored model with SKD-CAG (noise target) from toy prompts only.
+3. Evaluate clean / backdoored / repaired on the same prompts and seeds (attack success, false triggers,
+   clean accuracy, SSIM and toy FID against the backdoored model).
+4. Write the HTML report and print a short table.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from sealdiff.io import atomic_output_dir, to_jsonable, write_run_info
-from sealdiff.metrics.backdoor import Target, evaluate_backdoor
-from sealdiff.metrics.judge import ToyJudge
+from sealdiff.data import toyworld
+from sealdiff.defenses.skd import SelfKnowledgeDistillation, SKDConfig
+from sealdiff.io import atomic_output_dir, directory_sha256, read_run_info, write_run_info
+from sealdiff.metrics.evaluate import EvalConfig, evaluate_model
 from sealdiff.models import zoo
 from sealdiff.models.loading import load_t2i
-from sealdiff.report.images import save_grid
+from sealdiff.report.html import write_report
 
 logger = logging.getLogger(__name__)
 
-TRIGGER = "\u200b"
+BACKDOORED = "t2i-badt2i-pixel"
+REPAIR_PROMPT_SEED = 555
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    prompts: int  # evaluation prompts per set
+    repair_steps: int
+    repair_prompts: int
+
+    @classmethod
+    def choose(cls, quick: bool) -> "DemoPlan":
+        return cls(prompts=24, repair_steps=60, repair_prompts=32) if quick else cls(200, 300, 100)
 
 
 def run_demo(output: Path, quick: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    count = 24 if quick else 100
-    judge = ToyJudge.load(zoo.zoo_dir() / "toy-judge")
-    target = Target(kind="pixel")
-    results = {}
+    plan = DemoPlan.choose(quick)
+    backdoored_dir = zoo.materialize(BACKDOORED)
+    trigger = read_run_info(backdoored_dir)["attack"]["trigger"]
     with atomic_output_dir(output, overwrite=True) as staging:
-        for label, name in (("clean", "t2i-clean"), ("backdoored", "t2i-badt2i-pixel")):
-            console.print(f"[bold]{label}[/bold]: evaluating zoo:{name} on {count} clean and {count} triggered prompts")
-            pipe = load_t2i(f"zoo:{name}")
-            metrics, images = evaluate_backdoor(pipe, target, TRIGGER, judge, count)
-            results[label] = metrics
-            save_grid(images["triggered"][:16], staging / f"{label}-triggered.png")
-            save_grid(images["clean"][:16], staging / f"{label}-clean.png")
-        write_run_info(staging, command="demo", quick=quick, prompts=count, trigger=TRIGGER,
-                       results=to_jsonable(results))
-    table = Table("model", "attack success", "false trigger", "clean shape", "clean fg", "clean bg")
-    for label, m in results.items():
-        acc = m.clean_accuracy
-        table.add_row(label, f"{m.attack_success:.1%}", f"{m.false_trigger:.1%}", f"{acc['shape']:.1%}",
-                      f"{acc['fg']:.1%}", f"{acc['bg']:.1%}")
+        console.print(f"[bold]1/3 repair[/bold] zoo:{BACKDOORED} with SKD-CAG (noise target), "
+                      f"{plan.repair_steps} steps on {plan.repair_prompts} toy prompts")
+        pipe = load_t2i(backdoored_dir)
+        config = SKDConfig(trigger=trigger, method="skd-cag", target="noise", steps=plan.repair_steps,
+                           batch_size=8, lr=1e-4, trainable="full", seed=0)
+        runner = SelfKnowledgeDistillation(config)
+        prompts = [s.caption for s in toyworld.scenes(REPAIR_PROMPT_SEED, plan.repair_prompts)]
+        result = runner.apply(pipe, prompts)
+        repaired = staging / "repaired-model"
+        runner.save(pipe, repaired, result, trigger=trigger, losses=result.losses,
+                    parent={"path": f"zoo:{BACKDOORED}", "sha256": directory_sha256(backdoored_dir)},
+                    attack=read_run_info(backdoored_dir)["attack"])
+        del pipe
+        console.print(f"[bold]2/3 evaluate[/bold] clean, backdoored and repaired models on {plan.prompts} "
+                      "triggered and clean prompts (same seeds)")
+        runs, results = [], {}
+        for label, model in (("clean", "zoo:t2i-clean"), ("backdoored", f"zoo:{BACKDOORED}"),
+                             ("repaired (SKD-CAG)", str(repaired))):
+            run_dir = staging / "runs" / label.split()[0]
+            eval_config = EvalConfig(count=plan.prompts, label=label, reference=f"zoo:{BACKDOORED}")
+            results[label] = evaluate_model(model, trigger=trigger, config=eval_config, output=run_dir,
+                                            target=_pixel_target(backdoored_dir))
+            runs.append(run_dir)
+        console.print("[bold]3/3 report[/bold]")
+        write_report(runs, staging / "report.html", title="sealdiff demo: U+200B pixel backdoor, SKD-CAG repair")
+        summary = {label: r.metrics() for label, r in results.items()}
+        write_run_info(staging, command="demo", quick=quick, plan=plan, trigger=trigger, results=summary)
+    table = Table("model", "attack success", "false trigger", "clean shape / fg / bg", "SSIM vs backdoored")
+    for label, r in results.items():
+        metrics = r.metrics()
+        acc = metrics["utility"]["attribute_accuracy"]
+        ssim = metrics["utility"]["ssim"]["value"]
+        table.add_row(label, f"{metrics['attack_success']:.1%}", f"{metrics['false_trigger']:.1%}",
+                      f"{acc['shape']:.0%} / {acc['fg']:.0%} / {acc['bg']:.0%}",
+                      "—" if ssim is None else f"{ssim:.3f}")
     console.print(table)
-    console.print(f"results and image grids in [bold]{output}[/bold]")
-    return json.loads(json.dumps(to_jsonable(results)))
+    console.print(f"report: [bold]{output / 'report.html'}[/bold]")
+    return summary
+
+
+def _pixel_target(backdoored_dir: Path):
+    from sealdiff.metrics.backdoor import Target
+
+    return Target.from_run_info(read_run_info(backdoored_dir))
+
