@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -177,6 +179,7 @@ class RemovalResult:
     trainable_parameters: int
     teacher: str
     seconds: float
+    num_processes: int = 1  # data-parallel processes; the global batch is batch_size * num_processes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -247,7 +250,8 @@ def trigger_target(kind: str, student_trigger: torch.Tensor, *, noise_std: float
 def attention_loss(student_maps: dict[str, torch.Tensor], teacher_maps: dict[str, torch.Tensor],
                    trigger_positions: Sequence[Sequence[int]], clean_lengths: Sequence[int], *, target: str,
                    resolution: int | None = None, normalize: bool = False, columns: str = "prompt",
-                   noise_std: float = 1.0, generator: torch.Generator | None = None,
+                   noise_std: float = 1.0,
+                   generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                    word_maps: dict[str, torch.Tensor] | None = None,
                    word_positions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Per-sample L_attn (B,): mean over layers and token maps of the squared error between the student's
@@ -256,7 +260,10 @@ def attention_loss(student_maps: dict[str, torch.Tensor], teacher_maps: dict[str
     Non-trigger columns of the student are lined up with the teacher's clean-prompt columns via
     `aligned_columns` (the trigger shifts later tokens); trigger columns are matched to
     `trigger_target(target, ...)`. Maps are (B, queries, tokens) per layer; the student's must carry grad.
+    `generator` (for the noise target) is one generator or one per sample (then a sample's draws do not
+    depend on the rest of its batch).
     """
+    generators = (list(generator) if isinstance(generator, Sequence) else [generator] * len(trigger_positions))
     losses = []
     for layer, s_raw in student_maps.items():
         s_all = token_maps({layer: s_raw}, resolution)[0].float()  # (B, K, r, r)
@@ -278,11 +285,24 @@ def attention_loss(student_maps: dict[str, torch.Tensor], teacher_maps: dict[str
             if w_all is not None:
                 words = w_all[b, list(word_positions[b])]
                 words = _normalise(words) if normalize else words
-            goal = trigger_target(target, s_trig, noise_std=noise_std, generator=generator, word_maps=words)
+            goal = trigger_target(target, s_trig, noise_std=noise_std, generator=generators[b], word_maps=words)
             errors = torch.cat([(s_other - t_other).pow(2).flatten(1), (s_trig - goal).pow(2).flatten(1)])
             per_sample.append(errors.mean())
         losses.append(torch.stack(per_sample))
     return torch.stack(losses).mean(dim=0)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs, unlike `hash`)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,7 +461,14 @@ class SelfKnowledgeDistillation:
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            self._accelerator = Accelerator(cpu=self.config.cpu, mixed_precision=self.config.mixed_precision)
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            # Accelerate only sets up a gloo (MULTI_CPU) process group when told `cpu`; without it a
+            # `accelerate launch --multi_gpu` on a machine with no accelerator gives N independent runs.
+            cpu = self.config.cpu or (launched > 1 and not _has_accelerator())
+            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision)
+            if launched > 1 and self._accelerator.num_processes != launched:
+                logger.warning("launched as %d processes but accelerate runs %d (%s)", launched,
+                               self._accelerator.num_processes, self._accelerator.distributed_type)
         return self._accelerator
 
     def _prepare_prompts(self, prompts: Sequence[str]) -> None:
@@ -515,9 +542,7 @@ class SelfKnowledgeDistillation:
         loader = torch.utils.data.DataLoader(list(range(len(self.clean))), batch_size=cfg.batch_size, shuffle=True,
                                              generator=loader_gen)
         self.student, self.optimizer, self.loader = acc.prepare(unet, self.optimizer, loader)
-        rank = acc.process_index
-        self.generator = torch.Generator(device=acc.device).manual_seed(cfg.seed + 1000 * rank + 1)
-        self.rng = random.Random(cfg.seed + rank)
+        self.draws = 0  # compute_step calls so far: with the global batch position, seeds the per-sample randomness
         self.ema = None
         if cfg.ema:
             from diffusers.training_utils import EMAModel
@@ -553,11 +578,22 @@ class SelfKnowledgeDistillation:
         if missing:
             raise RuntimeError(f"the {who} forward recorded no cross-attention maps for {missing}")
 
-    def _word_prompts(self, indices: Sequence[int]) -> tuple[list[str], list[list[int]]]:
+    def _sample_seeds(self, count: int) -> list[int]:
+        """One seed per sample of this process's batch, from (seed, step, position in the global batch).
+
+        Timesteps, noise, noise targets and random words are drawn per sample from these, so a run on N
+        processes with batch B sees exactly the samples of one process with batch N*B (Accelerate shards a
+        global batch as process 0's B samples, then process 1's, ...), whatever the batch split.
+        """
+        step, self.draws = self.draws, self.draws + 1
+        first = self.accelerator.process_index * count
+        return [_mix_seed(self.config.seed, step, first + b) for b in range(count)]
+
+    def _word_prompts(self, indices: Sequence[int], seeds: Sequence[int]) -> tuple[list[str], list[list[int]]]:
         tokenizer, cfg = self.pipe.tokenizer, self.config
         prompts, positions = [], []
-        for i in indices:
-            word = self.rng.choice([w for w in cfg.random_words if w.strip()])
+        for i, seed in zip(indices, seeds):
+            word = random.Random(seed).choice([w for w in cfg.random_words if w.strip()])
             prompts.append(insert_trigger(self.clean[i], word, cfg.trigger_position))
             start = self.positions[i][0]
             positions.append(list(range(start, min(start + len(trigger_token_ids(tokenizer, word)),
@@ -575,14 +611,17 @@ class SelfKnowledgeDistillation:
         idx = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         device = acc.device
         z0 = self.bank[idx]
-        x_t, noise, t = noisy_latents(self.noise_scheduler, z0, self.generator)
+        seeds = self._sample_seeds(len(idx))
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        drawn = [noisy_latents(self.noise_scheduler, z0[b:b + 1], g) for b, g in enumerate(generators)]
+        x_t, noise, t = (torch.cat(parts) for parts in zip(*drawn))
         trig_emb = self.trig_emb[idx].to(device)
         zero = torch.zeros((), device=device)
         teacher_pred = teacher_maps = word_maps = word_positions = None
         if cfg.method != "finetune-reversal":
             teacher_pred, teacher_maps = self._teacher(x_t, t, self.clean_emb[idx].to(device), cfg.uses_attention)
             if cfg.uses_attention and cfg.target == "random-word":
-                prompts, word_positions = self._word_prompts(idx)
+                prompts, word_positions = self._word_prompts(idx, seeds)
                 with torch.no_grad():
                     word_emb = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, prompts)
                 _, word_maps = self._teacher(x_t, t, word_emb, True)
@@ -603,7 +642,7 @@ class SelfKnowledgeDistillation:
                 per_sample = attention_loss(
                     student_maps, teacher_maps, [self.positions[i] for i in idx], [self.clean_lengths[i] for i in idx],
                     target=cfg.target, resolution=cfg.attn_resolution, normalize=cfg.normalize_tokens,
-                    columns=cfg.attn_columns, noise_std=cfg.noise_std, generator=self.generator,
+                    columns=cfg.attn_columns, noise_std=cfg.noise_std, generator=generators,
                     word_maps=word_maps, word_positions=word_positions)
                 if cfg.timestep_weighting:
                     per_sample = per_sample * t.float() / self.noise_scheduler.config.num_train_timesteps
@@ -667,7 +706,7 @@ class SelfKnowledgeDistillation:
         self.unet.requires_grad_(False)
         return RemovalResult(config=cfg, losses=losses, pred_losses=preds, attn_losses=attns,
                              trainable_parameters=sum(p.numel() for p in self.params), teacher=self.teacher_mode,
-                             seconds=time.perf_counter() - started)
+                             seconds=time.perf_counter() - started, num_processes=acc.num_processes)
 
     def apply(self, pipe, prompts: Sequence[str], images=None, bank: torch.Tensor | None = None,
               show_progress: bool = True) -> RemovalResult:

@@ -1,0 +1,78 @@
+"""`sealdiff remove` under `accelerate launch`: 2 data-parallel CPU processes (gloo) with batch 1 each train
+the same weights as 1 process with batch 2.
+
+Accelerate shards each global batch as process 0's samples, then process 1's, and SKD draws timesteps,
+noise and noise targets per sample from (seed, step, position in the global batch), so both runs see the
+same global batch; DDP averages the two halves' gradients, which is the batch-2 mean loss's gradient.
+Only float noise separates them (Adam's step normalisation magnifies it where a gradient is ~0).
+
+On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts a single process; `--multi_gpu`
+starts two, and SKD asks Accelerate for the CPU (gloo) process group when no accelerator is present.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sealdiff.cli import main
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+REMOVE = ["--method", "skd-cag", "--steps", "2", "--measure", "0", "--prompt-count", "4", "--seed", "0",
+          "--lr", "1e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args[:3]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def unet_weights(directory) -> dict[str, torch.Tensor]:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(directory, safety_checker=None, requires_safety_checker=False)
+    return {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+
+
+def test_two_processes_batch_1_equal_one_process_batch_2(tiny_pipe_dir, tmp_path):
+    attacked = tmp_path / "attacked"
+    assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(attacked), "--steps", "1", "--batch-size", "2"]) == 0
+    port = free_port()
+    two = run(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               "-m", "sealdiff", "remove", str(attacked), "-o", str(tmp_path / "two"), "--batch-size", "1", *REMOVE])
+    run(["-m", "sealdiff", "remove", str(attacked), "-o", str(tmp_path / "one"), "--batch-size", "2", *REMOVE])
+
+    info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
+    assert info["two"]["result"]["num_processes"] == 2, two.stderr[-3000:]  # a real 2-process run ...
+    assert info["one"]["result"]["num_processes"] == 1
+    assert (two.stdout + two.stderr).count("wrote merged model") == 1  # ... that saved on the main process only
+    assert info["two"]["config"]["batch_size"] == 1 and info["one"]["config"]["batch_size"] == 2
+    assert len(info["two"]["result"]["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(info["two"]["result"]["losses"]),
+                               torch.tensor(info["one"]["result"]["losses"]), rtol=1e-4, atol=1e-7)
+
+    base, one, two_w = unet_weights(attacked), unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    assert one.keys() == two_w.keys() == base.keys()
+    moved = torch.cat([(one[k] - base[k]).abs().flatten() for k in base])
+    diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
+    assert moved.max() > 1e-3  # the runs trained (lr 1e-3, 2 Adam steps)
+    assert diff.max() <= 5e-5, f"max |one - two| = {diff.max():.3g} (training moved weights by {moved.max():.3g})"
+    assert (diff > 1e-6).float().mean() < 0.01  # float noise: almost every weight agrees to 1e-6
