@@ -7,11 +7,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sealdiff.errors import SealdiffError
@@ -19,24 +21,122 @@ from sealdiff.errors import SealdiffError
 RUN_INFO = "sealdiff.json"
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging directory next to `target`; it is renamed to `target` only if the block succeeds."""
-    target = Path(target)
-    if target.exists() and not overwrite:
+_INPUTS: set[Path] = set()
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def protect_input(path: str | Path) -> None:
+    """Register `path` as an input of this process: no sealdiff output may overwrite it, lie inside it,
+    or contain it (`--overwrite` would delete it). `resolve_model` registers every model it resolves."""
+    _INPUTS.add(_real(path))
+
+
+def check_not_input(target: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse an output that is, lies inside, or contains an input (registered or given)."""
+    real = _real(target)
+    for source in sorted({*_INPUTS, *map(_real, inputs)}):
+        if real == source or source in real.parents or real in source.parents:
+            raise SealdiffError(f"output {target} would overwrite the input {source}; choose another output path")
+
+
+def _prepare_parent(target: Path, overwrite: bool) -> None:
+    try:
+        exists = target.exists() or target.is_symlink()
+    except OSError as exc:
+        raise SealdiffError(f"cannot write {target}: {exc.strerror or exc}") from None
+    if exists and not overwrite:
         raise SealdiffError(f"output {target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SealdiffError(f"cannot create the output folder {target.parent}: {exc.strerror or exc}") from None
+
+
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target`; an existing `target` is moved aside first and restored if the rename
+    fails, so a failure never leaves the user with neither the old nor the new output."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.rename(old, target)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False,
+                      inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a staging directory next to `target`; it is renamed to `target` only if the block succeeds.
+    On any failure (an exception, Ctrl-C, a full disk) the staging directory is removed and an existing
+    `target` is left untouched. `target` may not be or overlap an input (see `protect_input`)."""
+    target = Path(target)
+    check_not_input(target, inputs)
+    _prepare_parent(target, overwrite)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        staging.chmod(_umask_mode(0o777))  # mkdtemp makes it private; the output gets the usual mode
+    except OSError as exc:
+        raise SealdiffError(f"could not write {target}: {exc.strerror or exc}") from None
     try:
         yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _swap_into_place(staging, target)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise SealdiffError(f"could not write {target}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_file(target: str | Path, overwrite: bool = False,
+                       inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Like `atomic_output_dir` for one file: yield a staging path (same folder, same suffix) that
+    replaces `target` only if the block succeeds; nothing is left behind otherwise."""
+    target = Path(target)
+    check_not_input(target, inputs)
+    _prepare_parent(target, overwrite)
+    if target.is_dir() and not target.is_symlink():
+        raise SealdiffError(f"output {target} is a directory; expected a file path")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{target.stem}.partial-", suffix=target.suffix, dir=target.parent)
+        os.close(handle)
+        os.chmod(name, _umask_mode(0o666))
+    except OSError as exc:
+        raise SealdiffError(f"could not write {target}: {exc.strerror or exc}") from None
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    except OSError as exc:
+        _remove(staging)
+        raise SealdiffError(f"could not write {target}: {exc.strerror or exc}") from None
+    except BaseException:
+        _remove(staging)
         raise
 
 
