@@ -76,3 +76,78 @@ def test_two_processes_batch_1_equal_one_process_batch_2(tiny_pipe_dir, tmp_path
     assert moved.max() > 1e-3  # the runs trained (lr 1e-3, 2 Adam steps)
     assert diff.max() <= 5e-5, f"max |one - two| = {diff.max():.3g} (training moved weights by {moved.max():.3g})"
     assert (diff > 1e-6).float().mean() < 0.01  # float noise: almost every weight agrees to 1e-6
+
+
+def reference_attention_loss(student_maps, teacher_maps, trigger_positions, clean_lengths, *, target, resolution=None,
+                             normalize=False, columns="prompt", noise_std=1.0, generators=None, word_maps=None,
+                             word_positions=None):
+    """The per-sample loop that `attention_loss` vectorises (one sample, one layer at a time)."""
+    from sealdiff.data.triggers import aligned_columns
+    from sealdiff.defenses.skd import trigger_target
+    from sealdiff.models.attention import token_maps
+
+    def _normalise(maps):
+        return maps / (maps.sum(dim=(-2, -1), keepdim=True) + 1e-8)
+
+    losses = []
+    for layer, s_raw in student_maps.items():
+        s_all = token_maps({layer: s_raw}, resolution)[0].float()
+        t_all = token_maps({layer: teacher_maps[layer]}, resolution)[0].float().detach()
+        w_all = token_maps({layer: word_maps[layer]}, resolution)[0].float() if word_maps is not None else None
+        per_sample = []
+        for b, positions in enumerate(trigger_positions):
+            keep = aligned_columns(s_all.shape[1], positions)
+            count = len(keep) if columns == "all" else min(clean_lengths[b], len(keep))
+            s_other, t_other, s_trig = s_all[b, keep[:count]], t_all[b, :count], s_all[b, list(positions)]
+            if normalize:
+                s_other, t_other = _normalise(s_other), _normalise(t_other)
+                s_trig = _normalise(s_trig) if target != "zero" else s_trig
+            words = None
+            if w_all is not None:
+                words = w_all[b, list(word_positions[b])]
+                words = _normalise(words) if normalize else words
+            goal = trigger_target(target, s_trig, noise_std=noise_std, generator=generators[b], word_maps=words)
+            errors = torch.cat([(s_other - t_other).pow(2).flatten(1), (s_trig - goal).pow(2).flatten(1)])
+            per_sample.append(errors.mean())
+        losses.append(torch.stack(per_sample))
+    return torch.stack(losses).mean(dim=0)
+
+
+@pytest.mark.parametrize("target", ["noise", "uniform", "zero", "random-word"])
+@pytest.mark.parametrize("normalize,columns,resolution", [(False, "prompt", None), (True, "all", 4)])
+def test_batched_attention_loss_matches_per_sample_loop_and_ignores_batch_split(target, normalize, columns,
+                                                                               resolution):
+    from sealdiff.defenses.skd import attention_loss
+
+    g = torch.Generator().manual_seed(0)
+    tokens = 12
+    shapes = {"a": 64, "b": 16}  # two layers: 8x8 and 4x4 maps
+    student = {k: torch.rand(4, q, tokens, generator=g).softmax(-1).requires_grad_(True) for k, q in shapes.items()}
+    teacher = {k: torch.rand(4, q, tokens, generator=g).softmax(-1) for k, q in shapes.items()}
+    words = {k: torch.rand(4, q, tokens, generator=g).softmax(-1) for k, q in shapes.items()}
+    positions = [[1], [1, 2, 3], [4, 5], [2, 3]]          # triggers of different lengths and places
+    word_positions = [[1], [1], [4, 5, 6], [2, 3]]        # one-to-one for samples 0 and 3, mean otherwise
+    lengths = [5, 9, 3, 12]
+    kwargs = dict(target=target, normalize=normalize, columns=columns, resolution=resolution, noise_std=0.5)
+    if target == "random-word":
+        kwargs.update(word_maps=words, word_positions=word_positions)
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + b) for b in range(4)]
+
+    fast = attention_loss(student, teacher, positions, lengths, generator=gens(), **kwargs)
+    slow = reference_attention_loss(student, teacher, positions, lengths, generators=gens(), **kwargs)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+    grad_fast = torch.autograd.grad(fast.sum(), list(student.values()))
+    grad_slow = torch.autograd.grad(slow.sum(), list(student.values()))
+    for a, b in zip(grad_fast, grad_slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    # each sample's loss (noise included) is the same whether its batch holds 4 samples or 2
+    halves = []
+    for part in (slice(0, 2), slice(2, 4)):
+        sub = {k: v[part] for k, v in student.items()}, {k: v[part] for k, v in teacher.items()}
+        extra = dict(kwargs)
+        if target == "random-word":
+            extra.update(word_maps={k: v[part] for k, v in words.items()}, word_positions=word_positions[part])
+        halves.append(attention_loss(*sub, positions[part], lengths[part], generator=gens()[part], **extra))
+    torch.testing.assert_close(torch.cat(halves), fast, rtol=1e-5, atol=1e-7)
