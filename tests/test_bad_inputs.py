@@ -299,21 +299,13 @@ CASES = [
         "sealdiff.attacks.write_run_info", _enospc), c.attack())[-1], "No space left on device"),
     ("full disk creating the staging folder", lambda c: (c.monkeypatch.setattr("tempfile.mkdtemp", _enospc),
                                                          c.attack())[-1], "No space left on device"),
-]
-
-# Known gaps in files this suite does not own: each fails today (an escaped traceback). Drop the mark once fixed.
-NOT_YET = "needs a change outside loading/config/io (see the report)"
-XFAIL_CASES = [
     ("generate: full disk writing the PNG", lambda c: (c.monkeypatch.setattr("PIL.Image.Image.save", _enospc),
                                                        c.generate())[-1], "No space left on device"),
     ("generate --steps 0", lambda c: c.generate(None, "--steps", "0"), "steps"),
     ("attack: negative learning rate", _config("c.yaml", "lr: -1\n"), "lr"),
 ]
 
-
-@pytest.mark.parametrize("setup, expected", [pytest.param(s, e, id=i) for i, s, e in CASES] +
-                         [pytest.param(s, e, id=i, marks=pytest.mark.xfail(reason=NOT_YET, strict=False))
-                          for i, s, e in XFAIL_CASES])
+@pytest.mark.parametrize("setup, expected", [pytest.param(s, e, id=i) for i, s, e in CASES])
 def test_bad_input_is_one_line_and_writes_nothing(setup, expected, base_model, judge_dir, tmp_path, monkeypatch,
                                                   capsys):
     model = tmp_path / "model"

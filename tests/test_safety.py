@@ -278,8 +278,6 @@ def test_attack_interrupted_while_saving_leaves_nothing(failure, existing, base_
         assert "No space left on device" in err
 
 
-@pytest.mark.xfail(strict=False, reason="cli.main ignores the exit code typer returns for Ctrl-C (Exit(130)) and "
-                                        "returns 0; see the report")
 def test_ctrl_c_exits_130_with_one_line(base_model, tmp_path, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from sealdiff.attacks.badt2i import BadT2I, BadT2IConfig, describe_target
-from sealdiff.io import atomic_output_dir, directory_sha256, write_run_info
+from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
 from sealdiff.models.loading import load_t2i, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,7 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
                allow_pickle: bool = False) -> Path:
     """Implant a BadT2I backdoor into the pipeline at `model`; write a new pipeline directory to `output`."""
     parent = resolve_model(model)
+    check_not_input(output, [parent])
     pipe = load_t2i(parent, allow_pickle=allow_pickle)
     losses = BadT2I(config).run(pipe)
     with atomic_output_dir(output, overwrite) as staging:

@@ -48,8 +48,8 @@ class BadT2IConfig:
     steps: int = 1200
     batch_size: int = 16
     poison_fraction: float = 0.5
-    lr: float = 1e-4
-    offset_noise: float = 0.1
+    lr: float = field(default=1e-4, metadata={"range": (0.0, None)})
+    offset_noise: float = field(default=0.1, metadata={"range": (0.0, None)})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +63,8 @@ class BadT2IConfig:
         for name, low, high in (("lam", 0.0, 1.0), ("patch_fraction", 0.01, 1.0), ("poison_fraction", 0.0, 1.0)):
             if not low <= getattr(self, name) <= high:
                 raise SealdiffError(f"{name}={getattr(self, name)} is out of range; valid: {low}..{high}")
+        if not self.lr > 0:
+            raise SealdiffError(f"lr={self.lr} is out of range; valid: a number > 0")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SealdiffError(f"{name} must be at least 1")

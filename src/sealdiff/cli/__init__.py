@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from sealdiff.cli.app import app
 
     try:
-        app(args=argv, prog_name="sealdiff", standalone_mode=False)
+        result = app(args=argv, prog_name="sealdiff", standalone_mode=False)
     except SealdiffError as exc:
         print(f"sealdiff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # click usage errors
-        import click
+    except Exception as exc:  # usage errors of typer's (vendored) click
+        import typer
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        if isinstance(exc, typer.TyperException) and hasattr(exc, "format_message"):
+            print(f"sealdiff: error: {exc.format_message()}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
         raise
-    return 0
+    if result == 130:  # typer turns Ctrl-C into Exit(130) and returns it
+        print("sealdiff: interrupted; nothing was written", file=sys.stderr)
+    return result if isinstance(result, int) else 0

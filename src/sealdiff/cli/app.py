@@ -130,9 +130,11 @@ def attack_badt2i(
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable); \\u200b escapes allowed"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt (repeatable); \\u200b escapes allowed"),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line"),
     output: Path = typer.Option(..., "-o", "--output", help="PNG file (a grid when several prompts)"),
-    seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(20), guidance: float = typer.Option(4.0),
+    seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(20, min=1),
+    guidance: float = typer.Option(4.0, min=0.0),
     defense: Optional[str] = typer.Option(None, help="inference-time defense: sau"),
     trigger: Optional[str] = typer.Option(None, help="the trigger, for --defense sau (\\u200b escapes allowed)"),
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
@@ -142,9 +144,14 @@ def generate(
     from sealdiff.models.loading import load_t2i
     from sealdiff.report.images import save_grid
 
+    from sealdiff.data.prompts import read_prompt_file
+    from sealdiff.io import atomic_output_file
+
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    prompts = [decode_escapes(p) for p in prompt]
+    prompts = [decode_escapes(p) for p in (prompt or [])] + (read_prompt_file(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise SealdiffError("give --prompt TEXT or --prompts FILE")
     if not all(p.strip() for p in prompts):
         raise SealdiffError("empty prompt")
     pipe = load_t2i(model, allow_pickle=allow_pickle)
@@ -161,7 +168,8 @@ def generate(
                                    seeds=seeds, num_inference_steps=steps, guidance_scale=guidance)
     else:
         raise SealdiffError(f"unknown inference-time defense {defense!r}; valid: sau")
-    save_grid(images.float().cpu(), output)
+    with atomic_output_file(output, overwrite) as staging:
+        save_grid(images.float().cpu(), staging)
     console.print(f"wrote {output}")
 
 
