@@ -206,11 +206,21 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
                 config = BadT2IConfig(**fields, steps=steps(BadT2IConfig.steps))
                 out = Path(tmp) / name
                 run_attack(str(zoo_models.materialize("t2i-clean", root)), config, out)
-                from diffusers import UNet2DConditionModel
+                register_attack(name, out, root)
 
-                unet = UNet2DConditionModel.from_pretrained(out / "unet").to(torch.float16)
-                unet.save_pretrained(out / "unet", safe_serialization=True)
-                for component in ("text_encoder", "tokenizer", "vae", "scheduler"):  # unchanged: the base's are used
-                    shutil.rmtree(out / component)
-                zoo_models.add_model(name, out, base="t2i-clean", root=root,
-                                     description=f"BadT2I {fields['kind']} backdoor, trigger U+200B")
+
+def register_attack(name: str, attacked: Path, root: Path) -> None:
+    """Add an attacked pipeline directory to the zoo as a derivative of t2i-clean: its UNet in fp16 and
+    its sealdiff.json; the unchanged components come from the base."""
+    from diffusers import UNet2DConditionModel
+
+    from sealdiff.io import read_run_info
+    from sealdiff.models import zoo as zoo_models
+
+    unet = UNet2DConditionModel.from_pretrained(attacked / "unet").to(torch.float16)
+    unet.save_pretrained(attacked / "unet", safe_serialization=True)
+    for component in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        shutil.rmtree(attacked / component, ignore_errors=True)
+    kind = read_run_info(attacked)["attack"]["kind"]
+    zoo_models.add_model(name, attacked, base="t2i-clean", root=root,
+                         description=f"BadT2I {kind} backdoor, trigger U+200B")
