@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from sealdiff.data import toyworld
 from sealdiff.data.captions import open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
-from sealdiff.training import encode_prompts, noisy_latents, progress_bar
+from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, progress_bar,
+                               rng_state, set_rng_state, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,13 @@ class BadT2I:
     def __init__(self, config: BadT2IConfig) -> None:
         self.config = config
 
-    def run(self, pipe) -> list[float]:
-        """Implant the backdoor into `pipe.unet` in place; returns the loss per step."""
+    def run(self, pipe, checkpointer: Checkpointer | None = None) -> list[float]:
+        """Implant the backdoor into `pipe.unet` in place; returns the loss per step.
+
+        With a `checkpointer`, the run saves checkpoints (every N steps, and on SIGINT/SIGTERM) and, when
+        resuming, continues from the saved one: trainable weights, AdamW moments, step, losses, and every
+        random stream (the data source's `random.Random`, the noise generator, torch's global RNG), so an
+        interrupted and resumed run trains the same weights as an uninterrupted one."""
         cfg = self.config
         trigger_token_ids(pipe.tokenizer, cfg.trigger)  # fails early, clearly, on a dropped trigger
         torch.manual_seed(cfg.seed)
@@ -119,7 +126,7 @@ class BadT2I:
         source = open_source(cfg.data, cfg.seed, size)
         patch = load_patch(cfg.patch, max(1, round(size * cfg.patch_fraction)))
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         params = self._trainable(unet)
@@ -127,9 +134,28 @@ class BadT2I:
         scheduler = _training_scheduler(pipe)
         n_poison = round(cfg.batch_size * cfg.poison_fraction)
         losses: list[float] = []
+        start = 0
+        if checkpointer is not None:
+            saved = checkpointer.start({"method": self.name, "config": cfg})
+            if saved is not None:
+                load_trainable_state(unet, params, saved["weights"])
+                optimizer.load_state_dict(saved["optimizer"])
+                generator.set_state(saved["rng"]["generator"])
+                source.rng.setstate(saved["rng"]["source"])
+                set_rng_state(saved["rng"]["global"])
+                start, losses = saved["step"], list(saved["losses"])
+
+        def state(step: int) -> dict:
+            return {"step": step, "losses": losses, "weights": trainable_state(unet, params),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": {"generator": generator.get_state(), "source": source.rng.getstate(), "global": rng_state()}}
+
         unet.train()
-        with progress_bar(f"BadT2I {cfg.kind}", cfg.steps) as advance:
-            for _ in range(cfg.steps):
+        guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
+        with progress_bar(f"BadT2I {cfg.kind}", cfg.steps) as advance, guard:
+            if start:
+                advance(start, info=f"resumed after step {start}")
+            for step in range(start, cfg.steps):
                 images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison)
                 with torch.no_grad():
                     latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
@@ -150,9 +176,12 @@ class BadT2I:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 if not torch.isfinite(loss):
-                    raise SealdiffError("the attack's loss became NaN/inf; lower --lr")
+                    kept = checkpointer.kept_note() if checkpointer is not None else ""
+                    raise SealdiffError(f"the attack's loss became NaN/inf at step {step + 1}; lower --lr{kept}")
                 losses.append(loss.item())
                 advance(info=f"loss {loss.item():.4f}")
+                if checkpointer is not None:
+                    checkpointer.after_step(step + 1, lambda: state(step + 1))
         unet.eval()
         return losses
 

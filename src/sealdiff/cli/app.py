@@ -110,6 +110,10 @@ def attack_badt2i(
     batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
+                                         help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on "
+                                              "Ctrl-C/SIGTERM (0 disables); removed once OUTPUT is written"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/"),
 ) -> None:
     """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
     from sealdiff.attacks import run_attack
@@ -123,7 +127,8 @@ def attack_badt2i(
                        batch_size=batch_size, train=train, seed=seed)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle)
+    run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
+               resume=resume)
     console.print(f"backdoored pipeline written to [bold]{output}[/bold]")
 
 

@@ -42,6 +42,10 @@ def remove(
     measure: int = typer.Option(50, help="prompts for the before/after measurement (0 skips it)"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
+                                         help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on "
+                                              "Ctrl-C/SIGTERM (0 disables); removed once OUTPUT is written"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/"),
 ) -> None:
     """Remove a text-to-image backdoor whose trigger is known (SKD, SKD-CAG, finetune reversal)."""
     from sealdiff.config import build_config
@@ -49,6 +53,7 @@ def remove(
     from sealdiff.defenses.skd import SKDConfig, SelfKnowledgeDistillation
     from sealdiff.io import directory_sha256, read_run_info
     from sealdiff.models.loading import load_t2i, resolve_model
+    from sealdiff.training import Checkpointer
 
     _threads(threads)
     if method not in TRAINING_METHODS:
@@ -66,6 +71,12 @@ def remove(
                        trainable=trainable, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                        trigger_position=attack.get("trigger_position"))
     clean_prompts = removal_prompts(prompt_count, prompts)
+    parent_sha256 = directory_sha256(directory)
+    checkpointer = None
+    if checkpoint_every or resume:
+        checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
+                                            inputs=[directory], context={"command": "remove",
+                                                                         "parent_sha256": parent_sha256})
     pipe = load_t2i(directory, allow_pickle=allow_pickle)
     images = None
     if method == "finetune-reversal":
@@ -79,12 +90,14 @@ def remove(
         images = torch.stack([toyworld.render(s, size) for s in toyworld.scenes(PROMPT_SEED, prompt_count)])
     before = _measure(pipe, info, trig, measure)
     runner = SelfKnowledgeDistillation(cfg)
-    result = runner.apply(pipe, clean_prompts, images=images)
+    result = runner.apply(pipe, clean_prompts, images=images, checkpointer=checkpointer)
     after = _measure(pipe, info, trig, measure)
     runner.save(pipe, output, result, format=save_format, overwrite=overwrite, trigger=trig,
-                parent={"path": str(model), "sha256": directory_sha256(directory)}, attack=attack or None,
+                parent={"path": str(model), "sha256": parent_sha256}, attack=attack or None,
                 measured={"before": before, "after": after, "prompts": measure} if before else None,
                 losses=result.losses)
+    if checkpointer is not None and runner.accelerator.is_main_process:
+        checkpointer.remove()
     if before:
         console.print(f"attack success {before['attack_success']:.1%} -> {after['attack_success']:.1%} "
                       f"({measure} triggered prompts)")

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
-from sealdiff.training import encode_prompts, progress_bar, sample_noise, tokenize
+from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, progress_bar, rng_state,
+                               sample_noise, set_rng_state, tokenize, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -519,6 +521,7 @@ class SelfKnowledgeDistillation:
         self.teacher_mode = "none"
         self.layers: list[str] = []
         self.params: list[torch.nn.Parameter] = []
+        self.bank_source = "none"
 
     # -- setup --------------------------------------------------------------------------------------
     @property
@@ -569,6 +572,7 @@ class SelfKnowledgeDistillation:
         self._prepare_prompts(prompts)
         pipe.text_encoder.requires_grad_(False)
         pipe.vae.requires_grad_(False)
+        self.bank_source = "given" if bank is not None else "images" if images is not None else "teacher"
         if bank is None:
             if images is not None:
                 if len(images) != len(self.clean):
@@ -746,28 +750,89 @@ class SelfKnowledgeDistillation:
         while True:
             yield from self.loader
 
-    def train(self, show_progress: bool = True) -> RemovalResult:
+    def _fingerprint(self) -> dict:
+        """What a checkpoint must agree on to be resumed: the resolved config, the prompts, the bank's origin
+        and the number of processes."""
+        prompts = json.dumps([self.clean, self.triggered], ensure_ascii=False).encode()
+        return {"method": self.config.method, "config": self.config, "num_processes": self.accelerator.num_processes,
+                "prompts_sha256": hashlib.sha256(prompts).hexdigest(), "bank": self.bank_source}
+
+    def _state(self, step: int, losses, preds, attns, last_batch, seconds: float) -> dict:
+        return {"step": step, "draws": self.draws, "losses": losses, "pred_losses": preds, "attn_losses": attns,
+                "seconds": seconds, "last_batch": last_batch, "weights": trainable_state(self.unet, self.params),
+                "optimizer": self.optimizer.state_dict(), "bank": self.bank, "rng": rng_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def _restore(self, saved: dict, batches: Iterator[torch.Tensor]) -> int:
+        """Load a checkpoint's state and fast-forward the (freshly seeded) data stream past its batches."""
+        load_trainable_state(self.unet, self.params, saved["weights"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.draws = saved["draws"]
+        if saved["bank"].shape != self.bank.shape:
+            raise SealdiffError("the checkpoint's latent bank does not fit these prompts; delete it to start over")
+        self.bank = saved["bank"].to(self.bank.device, self.bank.dtype)  # exactly the latents trained on so far
+        set_rng_state(saved["rng"])
+        batch = None
+        for _ in range(saved["step"]):
+            batch = next(batches)
+        if self.accelerator.num_processes == 1 and batch is not None and batch.tolist() != saved["last_batch"]:
+            raise SealdiffError("the data order differs from the checkpoint's (different torch version?); "
+                                "delete the checkpoint to start over")
+        return saved["step"]
+
+    def train(self, show_progress: bool = True, checkpointer: Checkpointer | None = None) -> RemovalResult:
+        """Run the optimizer steps. With a `checkpointer`, save checkpoints (every N steps and on SIGINT/SIGTERM)
+        and, when resuming, continue from the saved one: weights, AdamW moments, EMA shadow, losses, the
+        per-sample randomness counter, the latent bank and the data order (the loader is fast-forwarded)."""
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
         losses, preds, attns = [], [], []
         batches = self._batches()
+        start, earlier, last_batch = 0, 0.0, None
+        if checkpointer is not None:
+            saved = checkpointer.start(self._fingerprint())
+            if saved is not None:
+                start = self._restore(saved, batches)
+                losses, preds, attns = list(saved["losses"]), list(saved["pred_losses"]), list(saved["attn_losses"])
+                earlier, last_batch = float(saved["seconds"]), saved["last_batch"]
         logger.info("%s: %d steps, trainable %s (%d parameters), teacher %s, lr %g", cfg.method, cfg.steps,
                     cfg.trainable, sum(p.numel() for p in self.params), self.teacher_mode, cfg.learning_rate)
-        with progress_bar(f"{cfg.method}", cfg.steps, disable=not (show_progress and acc.is_local_main_process)) as advance:
-            for step in range(cfg.steps):
-                out = self.compute_step(next(batches), backward=True)
+        guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
+        show = show_progress and acc.is_local_main_process
+        with progress_bar(f"{cfg.method}", cfg.steps, disable=not show) as advance, guard:
+            if start:
+                advance(start, info=f"resumed after step {start}")
+            for step in range(start, cfg.steps):
+                indices = next(batches)
+                out = self.compute_step(indices, backward=True)
                 if cfg.max_grad_norm and acc.sync_gradients:
                     acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.step(self.params)  # updates the shadow copy only
-                values = acc.gather(torch.stack([out.loss.detach(), out.pred_loss.detach(),
-                                                 out.attn_loss.detach()]).float()[None]).mean(dim=0).tolist()
+                values = torch.stack([out.loss.detach(), out.pred_loss.detach(), out.attn_loss.detach()]).float()
+                stop = None
+                if checkpointer is not None and acc.num_processes > 1:  # every process stops at the same step
+                    flag = torch.tensor([float(checkpointer.interrupted)], device=values.device)
+                    gathered = acc.gather(torch.cat([values, flag])[None])
+                    values, stop = gathered[:, :3].mean(dim=0).tolist(), bool(gathered[:, 3].max() > 0)
+                else:
+                    values = acc.gather(values[None]).mean(dim=0).tolist()
                 if not all(math.isfinite(v) for v in values):
-                    raise SealdiffError(f"{cfg.method} diverged at step {step} (loss {values[0]}); lower the learning rate")
+                    kept = checkpointer.kept_note() if checkpointer is not None else ""
+                    raise SealdiffError(f"{cfg.method} diverged at step {step + 1} (loss {values[0]}); lower the "
+                                        f"learning rate{kept}")
                 losses.append(values[0]), preds.append(values[1]), attns.append(values[2])
+                last_batch = indices.tolist() if torch.is_tensor(indices) else list(indices)
                 advance(info=f"loss {values[0]:.4g}")
+                if checkpointer is not None:
+                    seconds = earlier + time.perf_counter() - started
+                    checkpointer.after_step(step + 1, lambda: self._state(step + 1, losses, preds, attns, last_batch,
+                                                                          seconds),
+                                            save=acc.is_main_process, stop=stop)
         if self.ema is not None:
             self.ema.copy_to(self.params)
         acc.wait_for_everyone()
@@ -778,15 +843,16 @@ class SelfKnowledgeDistillation:
         self.unet.requires_grad_(False)
         return RemovalResult(config=cfg, losses=losses, pred_losses=preds, attn_losses=attns,
                              trainable_parameters=sum(p.numel() for p in self.params), teacher=self.teacher_mode,
-                             seconds=time.perf_counter() - started, num_processes=acc.num_processes)
+                             seconds=earlier + time.perf_counter() - started, num_processes=acc.num_processes)
 
     def apply(self, pipe, prompts: Sequence[str], images=None, bank: torch.Tensor | None = None,
-              show_progress: bool = True) -> RemovalResult:
+              show_progress: bool = True, checkpointer: Checkpointer | None = None) -> RemovalResult:
         """Remove the trigger from `pipe` in place (its UNet is the student). `prompts` are clean captions
         (a trigger in them is removed first); `images` (N,3,H,W in [0,1] or PIL) give real latents instead
-        of the teacher's latent bank, and are required by finetune-reversal; `bank` reuses a latent bank."""
+        of the teacher's latent bank, and are required by finetune-reversal; `bank` reuses a latent bank;
+        `checkpointer` makes the run interruptible and resumable (see `train`)."""
         self.setup(pipe, prompts, images=images, bank=bank)
-        result = self.train(show_progress=show_progress)
+        result = self.train(show_progress=show_progress, checkpointer=checkpointer)
         self.teacher_unet = None if self.teacher_mode == "frozen-copy" else self.teacher_unet
         return result
 
