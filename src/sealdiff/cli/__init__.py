@@ -11,6 +11,7 @@ import warnings
 from sealdiff.errors import SealdiffError
 
 EXIT_BAD_INPUT = 2
+INTERRUPTED = "sealdiff: interrupted; no output was written (a training checkpoint, if any, is kept for --resume)"
 
 
 def decode_escapes(text: str) -> str:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sealdiff: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("sealdiff: interrupted; nothing was written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
@@ -55,5 +56,5 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         raise
     if result == 130:  # typer turns Ctrl-C into Exit(130) and returns it
-        print("sealdiff: interrupted; nothing was written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
     return result if isinstance(result, int) else 0
