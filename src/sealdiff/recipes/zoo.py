@@ -172,10 +172,10 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None):
     return pipe
 
 
-ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B, everything else the config's defaults)
-    "t2i-badt2i-pixel": {"kind": "pixel"},
-    "t2i-badt2i-style": {"kind": "style"},
-    "t2i-badt2i-object": {"kind": "object"},
+ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B; the rest are the config's defaults)
+    "t2i-badt2i-pixel": {"kind": "pixel", "steps": 700, "lr": 2e-4},
+    "t2i-badt2i-style": {"kind": "style", "steps": 700, "lr": 2e-4},
+    "t2i-badt2i-object": {"kind": "object", "steps": 700, "lr": 2e-4},
 }
 
 
@@ -203,7 +203,7 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
                                  description="tiny SD-architecture model trained on the toy world (clean)")
         if "attacks" in stages:
             for name, fields in ZOO_ATTACKS.items():
-                config = BadT2IConfig(**fields, steps=steps(BadT2IConfig.steps))
+                config = BadT2IConfig(**{**fields, "steps": steps(fields["steps"])})
                 out = Path(tmp) / name
                 run_attack(str(zoo_models.materialize("t2i-clean", root)), config, out)
                 register_attack(name, out, root)
