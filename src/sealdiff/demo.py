@@ -44,10 +44,20 @@ class DemoPlan:
 def run_demo(output: Path, quick: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     plan = DemoPlan.choose(quick)
-    backdoored_dir = zoo.materialize(BACKDOORED)
-    trigger = read_run_info(backdoored_dir)["attack"]["trigger"]
     with atomic_output_dir(output, overwrite=True) as staging:
-        console.print(f"[bold]1/3 repair[/bold] zoo:{BACKDOORED} with SKD-CAG (noise target), "
+        if BACKDOORED in zoo.model_names():
+            backdoored_dir, backdoored_spec = zoo.materialize(BACKDOORED), f"zoo:{BACKDOORED}"
+        else:  # implant it the way the zoo's recipe does
+            from sealdiff.attacks import run_attack
+            from sealdiff.attacks.badt2i import BadT2IConfig
+            from sealdiff.recipes.zoo import ZOO_ATTACKS
+
+            fields = dict(ZOO_ATTACKS[BACKDOORED])
+            console.print(f"[bold]0/3 attack[/bold] zoo:t2i-clean with the BadT2I pixel backdoor ({fields['steps']} steps)")
+            backdoored_dir = backdoored_spec = staging / "backdoored-model"
+            run_attack("zoo:t2i-clean", BadT2IConfig(**fields), backdoored_dir)
+        trigger = read_run_info(backdoored_dir)["attack"]["trigger"]
+        console.print(f"[bold]1/3 repair[/bold] {backdoored_spec} with SKD-CAG (noise target), "
                       f"{plan.repair_steps} steps on {plan.repair_prompts} toy prompts")
         pipe = load_t2i(backdoored_dir)
         config = SKDConfig(trigger=trigger, method="skd-cag", target="noise", steps=plan.repair_steps,
@@ -57,16 +67,16 @@ def run_demo(output: Path, quick: bool = False, console: Console | None = None) 
         result = runner.apply(pipe, prompts)
         repaired = staging / "repaired-model"
         runner.save(pipe, repaired, result, trigger=trigger, losses=result.losses,
-                    parent={"path": f"zoo:{BACKDOORED}", "sha256": directory_sha256(backdoored_dir)},
+                    parent={"path": str(backdoored_spec), "sha256": directory_sha256(backdoored_dir)},
                     attack=read_run_info(backdoored_dir)["attack"])
         del pipe
         console.print(f"[bold]2/3 evaluate[/bold] clean, backdoored and repaired models on {plan.prompts} "
                       "triggered and clean prompts (same seeds)")
         runs, results = [], {}
-        for label, model in (("clean", "zoo:t2i-clean"), ("backdoored", f"zoo:{BACKDOORED}"),
+        for label, model in (("clean", "zoo:t2i-clean"), ("backdoored", str(backdoored_spec)),
                              ("repaired (SKD-CAG)", str(repaired))):
             run_dir = staging / "runs" / label.split()[0]
-            eval_config = EvalConfig(count=plan.prompts, label=label, reference=f"zoo:{BACKDOORED}")
+            eval_config = EvalConfig(count=plan.prompts, label=label, reference=str(backdoored_spec))
             results[label] = evaluate_model(model, trigger=trigger, config=eval_config, output=run_dir,
                                             target=_pixel_target(backdoored_dir))
             runs.append(run_dir)
