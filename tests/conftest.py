@@ -30,3 +30,24 @@ def tiny_pipe_dir(tiny_pipe, tmp_path):
     path = tmp_path / "tiny-pipe"
     tiny_pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A saved random tiny pipeline, shared read-only by a module; cases copy it before changing it."""
+    from sealdiff.models import tiny
+
+    path = tmp_path_factory.mktemp("base") / "tiny-pipe"
+    tiny.pipeline(tiny.TinySpec.test(), seed=0).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A randomly initialised toy judge (its accuracy does not matter where it is used)."""
+    from sealdiff.metrics.judge import ToyJudge
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("judge") / "toy-judge"
+    ToyJudge().save(path)
+    return path

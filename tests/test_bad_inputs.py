@@ -68,26 +68,6 @@ def assert_one_line_error(code: int, err: str) -> None:
     assert "Traceback" not in err
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A saved random tiny pipeline, shared read-only; cases copy it before changing it."""
-    from sealdiff.models import tiny
-
-    path = tmp_path_factory.mktemp("base") / "tiny-pipe"
-    tiny.pipeline(tiny.TinySpec.test(), seed=0).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory) -> Path:
-    from sealdiff.metrics.judge import ToyJudge
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("judge") / "toy-judge"
-    ToyJudge().save(path)
-    return path
-
-
 @dataclass
 class Ctx:
     tmp: Path

@@ -54,25 +54,6 @@ def assert_one_line_error(code: int, err: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("sealdiff: error: ") and "Traceback" not in err, err
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    from sealdiff.models import tiny
-
-    path = tmp_path_factory.mktemp("base") / "tiny-pipe"
-    tiny.pipeline(tiny.TinySpec.test(), seed=0).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory) -> Path:
-    from sealdiff.metrics.judge import ToyJudge
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("judge") / "toy-judge"
-    ToyJudge().save(path)
-    return path
-
-
 def command(name: str, model: Path, out: Path, judge: Path) -> list:
     """The cheapest successful invocation of each command that loads a model."""
     return {
