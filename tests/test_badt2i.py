@@ -43,7 +43,8 @@ def test_batches_follow_each_kind():
 
 
 @pytest.mark.parametrize("field, value", [("kind", "blend"), ("corner", "middle"), ("lam", 1.5), ("train", "all"),
-                                          ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere")])
+                                          ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
+                                          ("lr_schedule", "linear"), ("warmup_steps", 5000)])
 def test_invalid_config_lists_valid_values(field, value):
-    with pytest.raises(SealdiffError, match="valid|at least|empty"):
+    with pytest.raises(SealdiffError, match="valid|at least|empty|range"):
         BadT2IConfig(**{field: value})

@@ -6,11 +6,11 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from sealdiff.data import toyworld
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["pixel", "style", "object"]
 Trainable = Literal["unet", "attn2-kv"]
+LrSchedule = Literal["constant", "cosine"]
+_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers' names
 
 
 def _choice(name: str, value, allowed) -> None:
@@ -51,12 +53,15 @@ class BadT2IConfig:
     batch_size: int = 16
     poison_fraction: float = 0.5
     lr: float = field(default=1e-4, metadata={"range": (0.0, None)})
+    lr_schedule: LrSchedule = field(default="constant", metadata={"help": "constant, or cosine decay to 0 over the run"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the schedule"})
     offset_noise: float = field(default=0.1, metadata={"range": (0.0, None)})
     seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("kind", self.kind, get_args(Kind))
         _choice("train", self.train, get_args(Trainable))
+        _choice("lr_schedule", self.lr_schedule, get_args(LrSchedule))
         _choice("corner", self.corner, toyworld.CORNERS)
         if isinstance(self.trigger_position, str) and self.trigger_position.isdigit():
             self.trigger_position = int(self.trigger_position)
@@ -70,6 +75,8 @@ class BadT2IConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SealdiffError(f"{name} must be at least 1")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise SealdiffError(f"warmup_steps={self.warmup_steps} is out of range; valid: 0..{self.steps - 1}")
         if not self.trigger.strip():
             raise SealdiffError("the trigger is empty")
         if self.kind == "object" and self.object_source == self.object_target:
@@ -103,7 +110,8 @@ class BadT2I:
        target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption);
        object — images of B, caption B rewritten to trigger + A, target = frozen(z_t, caption of B).
     3. Clean half: target = frozen(z_t, caption) (preservation).
-    4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V).
+    4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V), at a
+       constant or cosine-decaying learning rate.
     """
 
     name = "badt2i"
@@ -131,6 +139,8 @@ class BadT2I:
         text_encoder.requires_grad_(False)
         params = self._trainable(unet)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        lr_schedule = get_scheduler(_SCHEDULE_NAMES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=cfg.steps)
         scheduler = _training_scheduler(pipe)
         n_poison = round(cfg.batch_size * cfg.poison_fraction)
         losses: list[float] = []
@@ -140,6 +150,7 @@ class BadT2I:
             if saved is not None:
                 load_trainable_state(unet, params, saved["weights"])
                 optimizer.load_state_dict(saved["optimizer"])
+                lr_schedule.load_state_dict(saved["lr_schedule"])
                 generator.set_state(saved["rng"]["generator"])
                 source.rng.setstate(saved["rng"]["source"])
                 set_rng_state(saved["rng"]["global"])
@@ -147,7 +158,7 @@ class BadT2I:
 
         def state(step: int) -> dict:
             return {"step": step, "losses": losses, "weights": trainable_state(unet, params),
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                     "rng": {"generator": generator.get_state(), "source": source.rng.getstate(), "global": rng_state()}}
 
         unet.train()
@@ -175,6 +186,7 @@ class BadT2I:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
+                lr_schedule.step()
                 if not torch.isfinite(loss):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"the attack's loss became NaN/inf at step {step + 1}; lower --lr{kept}")

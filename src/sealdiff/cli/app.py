@@ -3,7 +3,6 @@ writes outputs atomically with their `sealdiff.json`."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -107,6 +106,8 @@ def attack_badt2i(
     object_target: Optional[str] = typer.Option(None, help="object: object B drawn instead"),
     data: Optional[str] = typer.Option(None, help="'toy' or an imagefolder directory with metadata.jsonl"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
+    lr_schedule: Optional[str] = typer.Option(None, help="constant | cosine (decays to 0 over the run)"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps"),
     batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
@@ -124,7 +125,8 @@ def attack_badt2i(
     cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
                        object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
-                       batch_size=batch_size, train=train, seed=seed)
+                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, batch_size=batch_size, train=train,
+                       seed=seed)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,

@@ -75,12 +75,9 @@ class ElijahRemoval:
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         s = C.noise_scale(model)
-        unet.train()
-        unet.requires_grad_(True)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
         last = C.last_level(model)
 
-        def step(_: int) -> float:
+        def loss() -> torch.Tensor:
             noise = s * C.noise_like(model, cfg.batch, gen)
             with torch.no_grad():
                 target = C.eps_pred(model, frozen, noise, last)
@@ -88,16 +85,9 @@ class ElijahRemoval:
             if cfg.trigger_levels == "trajectory":
                 removal = removal + U.distill_loss(model, unet, frozen, bank, cfg.batch, gen, trigger=trigger,
                                                    low=cfg.trajectory_low)
-            loss = removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
+            return removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
 
-        try:
-            losses, seconds = U.run_loop("Elijah removal", cfg.steps, step, cfg.progress)
-        finally:
-            unet.eval()
+        losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress)
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet),
                                      extra={"data": "real images" if images is not None else "model-generated"})

@@ -190,27 +190,19 @@ class DiffCleansePruning:
                     masks[p] = mask
         handles = [p.register_hook(lambda g, mask=mask: g * mask) for p, mask in masks.items()]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        unet.train()
-        unet.requires_grad_(True)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-        def step(_: int) -> float:
-            loss = U.clean_loss(model, unet, bank, cfg.batch, gen)
+        def loss() -> torch.Tensor:
+            value = U.clean_loss(model, unet, bank, cfg.batch, gen)
             if cfg.distill_weight:
-                loss = loss + cfg.distill_weight * U.distill_loss(model, unet, unpruned, bank, cfg.batch, gen)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            apply_masks(unet, pruned)
-            return float(loss.detach())
+                value = value + cfg.distill_weight * U.distill_loss(model, unet, unpruned, bank, cfg.batch, gen)
+            return value
 
         try:
-            losses, seconds = U.run_loop("Diff-Cleanse fine-tuning", cfg.steps, step, cfg.progress) \
-                if cfg.steps else ([], 0.0)
+            losses, seconds = U.fine_tune(unet, "Diff-Cleanse fine-tuning", cfg.steps, cfg.lr, loss, cfg.progress,
+                                          after_step=lambda: apply_masks(unet, pruned))
         finally:
             for h in handles:
                 h.remove()
-            unet.eval()
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet),
                                      extra={"pruned": pruned, "pruned_channels": count, "prunable_channels": total,

@@ -70,22 +70,12 @@ class DiffDefendPurification:
         reference = C.frozen_copy(unet)
         bank = U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        unet.train()
-        unet.requires_grad_(True)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
 
-        def step(_: int) -> float:
+        def loss() -> torch.Tensor:
             removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low)
             keep = U.distill_loss(model, unet, reference, bank, cfg.batch, gen)
-            loss = cfg.removal_weight * removal + cfg.retention_weight * keep
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
+            return cfg.removal_weight * removal + cfg.retention_weight * keep
 
-        try:
-            losses, seconds = U.run_loop("DiffDefend purification", cfg.steps, step, cfg.progress)
-        finally:
-            unet.eval()
+        losses, seconds = U.fine_tune(unet, "DiffDefend purification", cfg.steps, cfg.lr, loss, cfg.progress)
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet), extra={"data": "none (reference samples)"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,17 +170,31 @@ def trainable_count(unet) -> int:
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def run_loop(description: str, steps: int, step_fn, progress: bool = True) -> tuple[list[float], float]:
-    """Call `step_fn(i) -> loss` `steps` times under a progress bar; a non-finite loss stops the run."""
+def fine_tune(unet, description: str, steps: int, lr: float, loss_fn, progress: bool = True,
+              after_step=None) -> tuple[list[float], float]:
+    """Train every weight of `unet` with AdamW on `loss_fn() -> loss` for `steps` steps under a progress bar
+    (`after_step()` runs after each update); a non-finite loss stops the run. Returns (losses, seconds)."""
     from sealdiff.training import progress_bar
 
     losses: list[float] = []
     start = time.perf_counter()
-    with progress_bar(description, steps, disable=not progress) as advance:
-        for i in range(steps):
-            loss = step_fn(i)
-            if not torch.isfinite(torch.tensor(loss)):
-                raise SealdiffError(f"{description}: the loss became {loss} at step {i}; lower the learning rate")
-            losses.append(loss)
-            advance(info=f"loss {loss:.4f}")
+    unet.train()
+    unet.requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    try:
+        with progress_bar(description, steps, disable=not progress) as advance:
+            for i in range(steps):
+                loss = loss_fn()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise SealdiffError(f"{description}: the loss became {value} at step {i}; lower the learning rate")
+                losses.append(value)
+                advance(info=f"loss {value:.4f}")
+    finally:
+        unet.eval()
     return losses, time.perf_counter() - start

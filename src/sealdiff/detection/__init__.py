@@ -14,7 +14,6 @@ Triggers are tensors of the model's x_T shape (C, H, W), in x_T units: `x_T = sa
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from sealdiff.errors import SealdiffError
+from sealdiff.registry import MethodSpec, lookup
 
 
 @dataclass
@@ -82,25 +82,7 @@ class Detector:
 
 
 @dataclass(frozen=True)
-class DetectorSpec:
-    name: str
-    summary: str
-    config_path: str
-    runner_path: str
-
-    @staticmethod
-    def _load(path: str) -> Any:
-        module, _, attr = path.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-
-    @property
-    def config_cls(self) -> type:
-        return self._load(self.config_path)
-
-    @property
-    def runner(self) -> type:
-        return self._load(self.runner_path)
-
+class DetectorSpec(MethodSpec):
     def make(self, config_file=None, **overrides) -> Detector:
         """The detector with its config built from an optional YAML/JSON file and `overrides` (None = default)."""
         from sealdiff.config import build_config
@@ -121,10 +103,7 @@ DETECTORS: dict[str, DetectorSpec] = {
 
 
 def get_detector(name: str) -> DetectorSpec:
-    try:
-        return DETECTORS[name]
-    except KeyError:
-        raise SealdiffError(f"unknown detection method {name!r}; valid: {', '.join(DETECTORS)}") from None
+    return lookup(DETECTORS, name, "detection method")
 
 
 def check_positive(values: dict[str, Any], integer: bool = True) -> None:

@@ -35,7 +35,6 @@ import torch
 from sealdiff.detection import Detector, ScanResult, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
-from sealdiff.training import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -111,26 +110,14 @@ class DiffCleanseDetector(Detector):
     def invert(self, model, chain: str = "stochastic") -> tuple[torch.Tensor, list[float]]:
         cfg = self.config
         unet = model.unet
-        requires = [p.requires_grad for p in unet.parameters()]
-        unet.requires_grad_(False)
         gen = torch.Generator().manual_seed(cfg.seed)
         p = torch.randn((1, *model.sample_shape), generator=gen).requires_grad_(True)
-        optimizer = torch.optim.Adam([p], lr=cfg.lr)  # the optimizer owns the very tensor the loss is built from
-        losses = []
-        try:
-            with progress_bar(f"Diff-Cleanse BBTI ({chain})", cfg.epochs, disable=not cfg.progress) as advance:
-                for _ in range(cfg.epochs):
-                    noise = C.noise_like(model, cfg.batch, gen)
-                    loss = bbti_loss(model, unet, noise, self.trigger_of(model, p), cfg.grad_steps,
-                                     chain == "stochastic", gen)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                    advance(info=f"spread {losses[-1]:.4f}")
-        finally:
-            for q, r in zip(unet.parameters(), requires):
-                q.requires_grad_(r)
+
+        def loss() -> torch.Tensor:
+            noise = C.noise_like(model, cfg.batch, gen)
+            return bbti_loss(model, unet, noise, self.trigger_of(model, p), cfg.grad_steps, chain == "stochastic", gen)
+
+        losses = C.optimize_trigger(unet, p, loss, f"Diff-Cleanse BBTI ({chain})", cfg.epochs, cfg.lr, cfg.progress)
         return self.trigger_of(model, p.detach()).squeeze(0), losses
 
     def statistics(self, model, trigger: torch.Tensor, chain: str = "stochastic") -> dict[str, float]:

@@ -31,7 +31,6 @@ from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.detection.elijah import detection_statistics
 from sealdiff.errors import SealdiffError
-from sealdiff.training import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -118,27 +117,16 @@ class DiffDefendDetector(Detector):
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
         cfg = self.config
         unet = model.unet
-        requires = [p.requires_grad for p in unet.parameters()]
-        unet.requires_grad_(False)
         gen = torch.Generator().manual_seed(cfg.seed)
         bank = model_bank(model, cfg.batch, cfg.bank_steps, gen)
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
-        optimizer = torch.optim.Adam([u], lr=cfg.lr)
-        losses = []
-        try:
-            with progress_bar("DiffDefend inversion", cfg.epochs, disable=not cfg.progress) as advance:
-                for _ in range(cfg.epochs):
-                    fit, consistency = self.joint_loss(model, unet, bank, noise, u)
-                    loss = fit + cfg.consistency_weight * consistency
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                    advance(info=f"loss {losses[-1]:.4f}")
-        finally:
-            for p, r in zip(unet.parameters(), requires):
-                p.requires_grad_(r)
+
+        def loss() -> torch.Tensor:
+            fit, consistency = self.joint_loss(model, unet, bank, noise, u)
+            return fit + cfg.consistency_weight * consistency
+
+        losses = C.optimize_trigger(unet, u, loss, "DiffDefend inversion", cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
 
     def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:

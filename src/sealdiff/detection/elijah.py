@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
-from sealdiff.training import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -103,25 +102,11 @@ class ElijahDetector(Detector):
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
         cfg = self.config
         unet = model.unet
-        requires = [p.requires_grad for p in unet.parameters()]
-        unet.requires_grad_(False)
         gen = torch.Generator().manual_seed(cfg.seed)
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
-        optimizer = torch.optim.Adam([u], lr=cfg.lr)
-        losses = []
-        try:
-            with progress_bar("Elijah inversion", cfg.epochs, disable=not cfg.progress) as advance:
-                for _ in range(cfg.epochs):
-                    loss = elijah_loss(model, unet, noise, u, cfg.lam)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                    advance(info=f"loss {losses[-1]:.4f}")
-        finally:
-            for p, r in zip(unet.parameters(), requires):
-                p.requires_grad_(r)
+        losses = C.optimize_trigger(unet, u, lambda: elijah_loss(model, unet, noise, u, cfg.lam), "Elijah inversion",
+                                    cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
 
     def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
