@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from sealdiff.cli import main
 from sealdiff.errors import SealdiffError
-from sealdiff.io import atomic_output_dir, atomic_output_file, directory_sha256, protect_input
+from sealdiff.io import atomic_output_dir, atomic_output_file, directory_sha256
 
 QUICK_ATTACK = ["--steps", "1", "--batch-size", "2"]
 
@@ -214,13 +214,12 @@ def test_output_may_not_overwrite_or_sit_inside_an_input(tmp_path):
     source = tmp_path / "model"
     source.mkdir()
     (source / "w").write_text("weights")
-    protect_input(source)
     for target in (source, source / "sub", tmp_path):
         with pytest.raises(SealdiffError, match="would overwrite the input"):
-            with atomic_output_dir(target, overwrite=True):
+            with atomic_output_dir(target, overwrite=True, inputs=[source]):
                 pytest.fail("the block must not run")
     with pytest.raises(SealdiffError, match="would overwrite the input"):
-        with atomic_output_file(source / "metrics.json", overwrite=True):
+        with atomic_output_file(source / "metrics.json", overwrite=True, inputs=[source]):
             pytest.fail("the block must not run")
     assert (source / "w").read_text() == "weights" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

@@ -21,23 +21,14 @@ from sealdiff.errors import SealdiffError
 RUN_INFO = "sealdiff.json"
 
 
-_INPUTS: set[Path] = set()
-
-
 def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def protect_input(path: str | Path) -> None:
-    """Register `path` as an input of this process: no sealdiff output may overwrite it, lie inside it,
-    or contain it (`--overwrite` would delete it). `resolve_model` registers every model it resolves."""
-    _INPUTS.add(_real(path))
-
-
 def check_not_input(target: str | Path, inputs: Iterable[str | Path] = ()) -> None:
-    """Refuse an output that is, lies inside, or contains an input (registered or given)."""
+    """Refuse an output that is, lies inside, or contains one of `inputs` (`--overwrite` would delete it)."""
     real = _real(target)
-    for source in sorted({*_INPUTS, *map(_real, inputs)}):
+    for source in sorted(set(map(_real, inputs))):
         if real == source or source in real.parents or real in source.parents:
             raise SealdiffError(f"output {target} would overwrite the input {source}; choose another output path")
 
@@ -92,7 +83,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False,
                       inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a staging directory next to `target`; it is renamed to `target` only if the block succeeds.
     On any failure (an exception, Ctrl-C, a full disk) the staging directory is removed and an existing
-    `target` is left untouched. `target` may not be or overlap an input (see `protect_input`)."""
+    `target` is left untouched. `target` may not be, lie inside or contain one of `inputs`."""
     target = Path(target)
     check_not_input(target, inputs)
     _prepare_parent(target, overwrite)

@@ -46,7 +46,7 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
                                                                       "parent_sha256": parent_sha256})
     pipe = load_t2i(parent, allow_pickle=allow_pickle)
     losses = BadT2I(config).run(pipe, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [parent]) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed,
                        attack={"kind": config.kind, "trigger": config.trigger,
@@ -88,7 +88,7 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
                                             inputs=[parent], context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     spec, result = attack.run(uncond, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, [parent]) as staging:
         save_uncond(uncond, staging)
         save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
         write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,

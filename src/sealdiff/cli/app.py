@@ -148,7 +148,7 @@ def generate(
 ) -> None:
     """Generate images for prompts with fixed seeds (optionally through SAU)."""
     from sealdiff.metrics.generate import generate as run
-    from sealdiff.models.loading import load_t2i
+    from sealdiff.models.loading import load_t2i, resolve_model
     from sealdiff.report.images import save_grid
 
     from sealdiff.data.prompts import read_prompt_file
@@ -161,7 +161,8 @@ def generate(
         raise SealdiffError("give --prompt TEXT or --prompts FILE")
     if not all(p.strip() for p in prompts):
         raise SealdiffError("empty prompt")
-    pipe = load_t2i(model, allow_pickle=allow_pickle)
+    directory = resolve_model(model)
+    pipe = load_t2i(directory, allow_pickle=allow_pickle)
     seeds = [seed + i for i in range(len(prompts))]
     if defense is None:
         images = run(pipe, prompts, seeds, steps, guidance)
@@ -175,7 +176,7 @@ def generate(
                                    seeds=seeds, num_inference_steps=steps, guidance_scale=guidance)
     else:
         raise SealdiffError(f"unknown inference-time defense {defense!r}; valid: sau")
-    with atomic_output_file(output, overwrite) as staging:
+    with atomic_output_file(output, overwrite, [directory]) as staging:
         save_grid(images.float().cpu(), staging)
     console.print(f"wrote {output}")
 

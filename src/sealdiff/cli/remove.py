@@ -113,7 +113,7 @@ def remove(
     runner = SelfKnowledgeDistillation(cfg)
     result = runner.apply(pipe, clean_prompts, images=images, checkpointer=checkpointer)
     after = _measure(pipe, info, trig, measure)
-    runner.save(pipe, output, result, format=save_format, overwrite=overwrite, trigger=trig,
+    runner.save(pipe, output, result, format=save_format, overwrite=overwrite, inputs=[directory], trigger=trig,
                 parent={"path": str(model), "sha256": parent_sha256}, attack=attack or None,
                 measured={"before": before, "after": after, "prompts": measure} if before else None,
                 losses=result.losses)

@@ -465,14 +465,14 @@ def merged_unet(unet):
 
 
 def save_removed(pipe, output: str | Path, *, format: SaveFormat = "merged", overwrite: bool = False,
-                 run_info: dict | None = None) -> Path:
+                 run_info: dict | None = None, inputs: Sequence[str | Path] = ()) -> Path:
     """Write the cleaned model atomically: a full safetensors pipeline directory (`merged`, LoRA fused in,
     loadable with `from_pretrained`/`load_t2i`) or LoRA weights (`lora`, loadable with `pipe.load_lora_weights`).
-    The in-memory pipeline is not modified."""
+    The in-memory pipeline is not modified; `output` may not overlap `inputs` (the model it came from)."""
     from sealdiff.io import atomic_output_dir, write_run_info
 
     check_choice("save format", format, SaveFormat)
-    with atomic_output_dir(output, overwrite) as staging:
+    with atomic_output_dir(output, overwrite, inputs) as staging:
         if format == "lora":
             layers, metadata = lora_state(pipe.unet)
             type(pipe).save_lora_weights(staging, unet_lora_layers=layers, safe_serialization=True,
@@ -861,7 +861,7 @@ class SelfKnowledgeDistillation:
         return result
 
     def save(self, pipe, output: str | Path, result: RemovalResult | None = None, format: SaveFormat | None = None,
-             overwrite: bool = False, **run_info) -> Path | None:
+             overwrite: bool = False, inputs: Sequence[str | Path] = (), **run_info) -> Path | None:
         """Save on the main process (LoRA weights by default for `lora`, else a merged pipeline directory)."""
         fmt = format or ("lora" if self.config.trainable == "lora" else "merged")
         path = None
@@ -869,6 +869,6 @@ class SelfKnowledgeDistillation:
             info = {"defense": self.config.method, "config": self.config, **run_info}
             if result is not None:
                 info["result"] = {k: v for k, v in result.to_dict().items() if k != "config"}
-            path = save_removed(pipe, output, format=fmt, overwrite=overwrite, run_info=info)
+            path = save_removed(pipe, output, format=fmt, overwrite=overwrite, run_info=info, inputs=inputs)
         self.accelerator.wait_for_everyone()
         return path

@@ -20,6 +20,7 @@ import torch
 from sealdiff.data import toyworld
 from sealdiff.data.triggers import insert_trigger
 from sealdiff.errors import SealdiffError
+from sealdiff.io import check_not_input
 from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, make_judge
 from sealdiff.metrics.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, image_size
 from sealdiff.metrics.judge import HEADS, ToyJudge
@@ -379,6 +380,8 @@ def evaluate_model(model_spec: str | Path, trigger: str | None = None, target: T
     if output is not None and Path(output).exists() and not overwrite:  # fail before the expensive part
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     directory = resolve_model(model_spec)
+    if output is not None:
+        check_not_input(output, [directory])  # fail before generating, not at the write
     attack = attack_from_model(directory)
     if target is None:
         target = Target.from_run_info({"attack": attack}) if attack.get("kind") else None
@@ -499,7 +502,8 @@ def write_eval_run(result: EvalResult, directory: str | Path, overwrite: bool = 
     from sealdiff.report.images import save_grid
 
     document = validate_metrics(result.metrics())
-    with atomic_output_dir(directory, overwrite) as staging:
+    inputs = [ref.path for ref in (result.model, result.reference, result.judge_model) if ref is not None]
+    with atomic_output_dir(directory, overwrite, inputs) as staging:
         (staging / METRICS_FILE).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
         with open(staging / IMAGES_FILE, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)

@@ -53,17 +53,12 @@ def _one_line(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """A model argument -> a local directory. `zoo:NAME` names a model of the embedded zoo.
-    The directory is registered as an input, so no sealdiff output may overwrite it in this process."""
-    from sealdiff.io import protect_input
-
+    """A model argument -> a local directory. `zoo:NAME` names a model of the embedded zoo."""
     text = str(spec)
     if text.startswith("zoo:"):
         from sealdiff.models import zoo
 
-        path = zoo.materialize(text[4:])
-        protect_input(path)
-        return path
+        return zoo.materialize(text[4:])
     if not text.strip():
         raise SealdiffError("the model path is empty; give a local diffusers directory or zoo:NAME")
     path = Path(text).expanduser()
@@ -75,7 +70,6 @@ def resolve_model(spec: str | Path) -> Path:
         raise SealdiffError(f"model path {path} does not exist (nothing is downloaded; give a local directory or zoo:NAME)")
     if not is_dir:
         raise SealdiffError(f"model path {path} is a file; expected a diffusers model directory")
-    protect_input(path)
     return path
 
 
