@@ -188,3 +188,16 @@ def build_config(cls: type[T], file: str | Path | None = None, **overrides: Any)
     except (TypeError, ValueError, AttributeError) as exc:
         first = str(exc).splitlines()[0] if str(exc).strip() else repr(exc)
         raise SealdiffError(f"bad config for {cls.__name__}: {first}") from None
+
+
+def help_field(text: str, **kwargs) -> Any:
+    """A dataclass field with its help text (shown by the CLI and in config errors)."""
+    return dataclasses.field(metadata={"help": text}, **kwargs)
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Raise `SealdiffError` naming the valid values when `value` is not one of `choices` (a `Literal` type or
+    a collection)."""
+    valid = typing.get_args(choices) or tuple(choices)
+    if value not in valid:
+        raise SealdiffError(f"{name}={value!r} is invalid; valid: {', '.join(map(str, valid))}")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sealdiff.data import uncond_toy
+from sealdiff.config import check_choice
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer, load_trainable_state, progress_bar, rng_state, set_rng_state, trainable_state
@@ -30,11 +31,6 @@ logger = logging.getLogger(__name__)
 
 # poison(noise, t) -> (x_t, target) for the poisoned rows of a batch (the attack closes over y and the trigger)
 PoisonFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise SealdiffError(f"{name}={value!r} is invalid; valid: {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -54,10 +50,10 @@ class UncondAttackConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("trigger", self.trigger, get_args(uncond_toy.TriggerName))
-        _choice("target", self.target, get_args(uncond_toy.TargetName))
-        _choice("trigger_position", self.trigger_position, get_args(uncond_toy.Position))
-        _choice("target_position", self.target_position, get_args(uncond_toy.Position))
+        check_choice("trigger", self.trigger, get_args(uncond_toy.TriggerName))
+        check_choice("target", self.target, get_args(uncond_toy.TargetName))
+        check_choice("trigger_position", self.trigger_position, get_args(uncond_toy.Position))
+        check_choice("target_position", self.target_position, get_args(uncond_toy.Position))
         if not 0.0 <= self.poison_fraction <= 1.0:
             raise SealdiffError(f"poison_fraction={self.poison_fraction} is out of range; valid: 0..1")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -16,6 +16,7 @@ from PIL import Image
 from sealdiff.data import toyworld
 from sealdiff.data.captions import open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
+from sealdiff.config import check_choice
 from sealdiff.errors import SealdiffError
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, progress_bar,
                                rng_state, set_rng_state, trainable_state)
@@ -26,11 +27,6 @@ Kind = Literal["pixel", "style", "object"]
 Trainable = Literal["unet", "attn2-kv"]
 LrSchedule = Literal["constant", "cosine"]
 _SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers' names
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise SealdiffError(f"{name}={value!r} is invalid; valid: {', '.join(map(str, allowed))}")
 
 
 @dataclass
@@ -59,10 +55,10 @@ class BadT2IConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice("kind", self.kind, get_args(Kind))
-        _choice("train", self.train, get_args(Trainable))
-        _choice("lr_schedule", self.lr_schedule, get_args(LrSchedule))
-        _choice("corner", self.corner, toyworld.CORNERS)
+        check_choice("kind", self.kind, get_args(Kind))
+        check_choice("train", self.train, get_args(Trainable))
+        check_choice("lr_schedule", self.lr_schedule, get_args(LrSchedule))
+        check_choice("corner", self.corner, toyworld.CORNERS)
         if isinstance(self.trigger_position, str) and self.trigger_position.isdigit():
             self.trigger_position = int(self.trigger_position)
         if not (isinstance(self.trigger_position, int) or self.trigger_position in ("start", "end")):

@@ -8,9 +8,10 @@ from typing import Literal, get_args
 
 import torch
 
-from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, _choice, check_kind,
+from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, check_kind,
                                                pixel_trigger, sde_correction, target_image, train_uncond,
                                                vp_coefficients)
+from sealdiff.config import check_choice
 from sealdiff.data.uncond_toy import ToyImageSource
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
@@ -33,7 +34,7 @@ class TrojDiffConfig(UncondAttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("mode", self.mode, get_args(Mode))
+        check_choice("mode", self.mode, get_args(Mode))
         if self.gamma is None:
             self.gamma = DEFAULT_GAMMA[self.mode]
         if not 0.0 < self.gamma <= 1.0:

@@ -9,9 +9,10 @@ from typing import Literal, get_args
 
 import torch
 
-from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, _choice, check_kind,
+from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, check_kind,
                                                expand, latent_pattern, pixel_trigger, sde_correction, target_image,
                                                train_uncond, vp_coefficients)
+from sealdiff.config import check_choice
 from sealdiff.data.uncond_toy import ToyImageSource
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
@@ -36,7 +37,7 @@ class VillanDiffusionConfig(UncondAttackConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("solver", self.solver, get_args(Solver))
+        check_choice("solver", self.solver, get_args(Solver))
         if not self.ve_trigger_weight > 0:
             raise SealdiffError(f"ve_trigger_weight={self.ve_trigger_weight} is out of range; valid: a number > 0")
 

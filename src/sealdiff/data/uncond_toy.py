@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sealdiff.data import toyworld
+from sealdiff.config import check_choice
 from sealdiff.errors import SealdiffError
 
 TriggerName = Literal["grey-box", "stop-sign", "blend"]
@@ -32,11 +33,6 @@ DEFAULT_TRIGGER_SIZE = 6
 IN_CLASS_SCENE = toyworld.Scene(shape="cross", fg="yellow", bg="purple", cx=16.0, cy=16.0, radius=8.0)
 OPPOSITE = {"bottom-right": "top-left", "bottom-left": "top-right", "top-right": "bottom-left",
             "top-left": "bottom-right"}
-
-
-def _choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise SealdiffError(f"{name}={value!r} is invalid; valid: {', '.join(map(str, allowed))}")
 
 
 def toy_images(count: int, seed: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -57,7 +53,7 @@ class ToyImageSource:
 
 
 def _place(size: int, box: int, position: str) -> tuple[slice, slice]:
-    _choice("position", position, get_args(Position))
+    check_choice("position", position, get_args(Position))
     if not 1 <= box <= size:
         raise SealdiffError(f"trigger size {box} is out of range; valid: 1..{size}")
     rows = slice(0, box) if position.startswith("top") else slice(size - box, size)
@@ -81,7 +77,7 @@ def _octagon(box: int) -> torch.Tensor:
 def make_trigger(name: TriggerName, size: int = IMAGE_SIZE, box: int = DEFAULT_TRIGGER_SIZE,
                  position: Position = "bottom-right", intensity: float = 1.0) -> torch.Tensor:
     """The additive trigger pattern `name`, (3, size, size); zero outside the trigger for the patch triggers."""
-    _choice("trigger", name, get_args(TriggerName))
+    check_choice("trigger", name, get_args(TriggerName))
     trigger = torch.zeros(3, size, size)
     if name == "blend":  # a fixed smooth full-image pattern (TrojDiff blends an image into the whole noise)
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -104,7 +100,7 @@ def make_target(name: TargetName, size: int = IMAGE_SIZE, trigger: torch.Tensor 
                 box: int = DEFAULT_TRIGGER_SIZE, position: Position = "top-left") -> torch.Tensor:
     """The target image `name`, (3, size, size) in [-1, 1]. `shifted-trigger` needs the trigger (and its
     `position`: the target shows it at the opposite corner); `corner-box` uses `box` and `position`."""
-    _choice("target", name, get_args(TargetName))
+    check_choice("target", name, get_args(TargetName))
     if name == "hat":
         image = torch.ones(3, size, size)
         s = size / 16

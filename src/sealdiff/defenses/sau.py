@@ -15,14 +15,15 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from sealdiff.data.triggers import insert_trigger, locate_trigger, remove_trigger
-from sealdiff.defenses.skd import check_choice, resolve_layers
+from sealdiff.config import check_choice, help_field
+from sealdiff.defenses.skd import resolve_layers
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import capture_cross_attention, token_maps
 
@@ -33,32 +34,28 @@ Blend = Literal["paper", "convex"]
 ApplyAt = Literal["final", "all", "range"]
 
 
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class SAUConfig:
     """Constants of SAU (every field is recorded in sealdiff.json)."""
 
-    k: float = _help("sigmoid sharpness of both masks", default=10.0)
-    tau_p: float = _help("primary-mask threshold on cosine(z_poi, delta) in [-1, 1]", default=0.5)
-    tau_s: float = _help("secondary-mask threshold on the blurred, [0,1]-normalised activation map", default=0.5)
-    alpha: float = _help("blending strength (the paper's alpha; the secondary mask uses alpha/2 in `paper`)",
+    k: float = help_field("sigmoid sharpness of both masks", default=10.0)
+    tau_p: float = help_field("primary-mask threshold on cosine(z_poi, delta) in [-1, 1]", default=0.5)
+    tau_s: float = help_field("secondary-mask threshold on the blurred, [0,1]-normalised activation map", default=0.5)
+    alpha: float = help_field("blending strength (the paper's alpha; the secondary mask uses alpha/2 in `paper`)",
                          default=1.0)
-    activation: Activation = _help("secondary map A: delta (channel-mean |z_poi - z_clean|) or attention "
+    activation: Activation = help_field("secondary map A: delta (channel-mean |z_poi - z_clean|) or attention "
                                    "(the trigger tokens' cross-attention in the current step)", default="delta")
-    activation_sigma: float = _help("Gaussian blur sigma (latent pixels) applied to A", default=1.0)
-    blend: Blend = _help("paper: h_poi(1-m_p)(1-m_s) + h_clean*m_p*alpha + h_clean*m_s*alpha/2 (not convex: "
+    activation_sigma: float = help_field("Gaussian blur sigma (latent pixels) applied to A", default=1.0)
+    blend: Blend = help_field("paper: h_poi(1-m_p)(1-m_s) + h_clean*m_p*alpha + h_clean*m_s*alpha/2 (not convex: "
                          "rescales latents where masks are on); convex: h_poi(1-m) + h_clean*m, "
                          "m = max(m_p, m_s)*alpha", default="paper")
-    final_sigma: float = _help("Gaussian blur sigma of the blended latents (0 disables)", default=0.5)
-    apply_at: ApplyAt = _help("final: only after the last denoising step; all: every step; range: steps whose "
+    final_sigma: float = help_field("Gaussian blur sigma of the blended latents (0 disables)", default=0.5)
+    apply_at: ApplyAt = help_field("final: only after the last denoising step; all: every step; range: steps whose "
                               "progress (i+1)/N lies in step_range", default="final")
-    step_range: tuple[float, float] = _help("(lo, hi] progress window for apply_at='range'", default=(0.5, 1.0))
-    attn_layers: tuple[str, ...] | None = _help("attn2 layers for activation='attention' (names or prefixes; "
+    step_range: tuple[float, float] = help_field("(lo, hi] progress window for apply_at='range'", default=(0.5, 1.0))
+    attn_layers: tuple[str, ...] | None = help_field("attn2 layers for activation='attention' (names or prefixes; "
                                                 "None = all)", default=None)
-    eps: float = _help("a sample whose |delta| never exceeds eps is left untouched (trigger had no effect)",
+    eps: float = help_field("a sample whose |delta| never exceeds eps is left untouched (trigger had no effect)",
                        default=1e-6)
 
     def __post_init__(self) -> None:
@@ -87,7 +84,7 @@ class SAUConfig:
         return self.step_range[0] < progress <= self.step_range[1]
 
     @classmethod
-    def field_help(cls) -> dict[str, str]:
+    def fieldhelp_field(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 

@@ -26,7 +26,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
+from sealdiff.config import check_choice, help_field
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, progress_bar, rng_state,
@@ -54,62 +55,51 @@ DEFAULT_LR = {"full": 1e-6, "attn2-kv": 1e-5, "lora": 1e-4}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def check_choice(name: str, value: Any, choices: Any) -> None:
-    """Raise `SealdiffError` naming the valid values when `value` is not one of the `Literal` `choices`."""
-    valid = get_args(choices)
-    if value not in valid:
-        raise SealdiffError(f"{name} {value!r} is invalid; valid: {', '.join(map(str, valid))}")
-
-
-def _help(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class SKDConfig:
     """Settings of one SKD / SKD-CAG / Finetune Reversal run (every field is recorded in sealdiff.json)."""
 
-    trigger: str = _help("the known trigger text, inserted as a separate word")
-    method: Method = _help("skd: prediction distillation; skd-cag: + cross-attention guidance; "
+    trigger: str = help_field("the known trigger text, inserted as a separate word")
+    method: Method = help_field("skd: prediction distillation; skd-cag: + cross-attention guidance; "
                            "finetune-reversal: eps-prediction on clean images with triggered prompts",
                            default="skd-cag")
-    trigger_position: str | int = _help("where the trigger goes: 'start', 'end' or a word index", default="start")
-    alpha: float = _help("SKD-CAG weight: L = alpha*L_attn + (1-alpha)*L_pred (paper best 0.5; 1 = attention only)",
+    trigger_position: str | int = help_field("where the trigger goes: 'start', 'end' or a word index", default="start")
+    alpha: float = help_field("SKD-CAG weight: L = alpha*L_attn + (1-alpha)*L_pred (paper best 0.5; 1 = attention only)",
                          default=0.5)
-    target: TriggerTarget = _help("what the trigger tokens' attention is matched to: noise (Gaussian around "
+    target: TriggerTarget = help_field("what the trigger tokens' attention is matched to: noise (Gaussian around "
                                   "the map's mean), uniform (the map's mean everywhere), zero ('black image'), "
                                   "random-word (teacher maps of a random word in the trigger's place)",
                                   default="noise")
-    noise_std: float = _help("std of the `noise` target relative to the trigger map's spatial mean", default=1.0)
-    random_words: tuple[str, ...] = _help("words drawn for the random-word target", default=DEFAULT_RANDOM_WORDS)
-    attn_layers: tuple[str, ...] | None = _help("attn2 layers used by L_attn: processor names or prefixes "
+    noise_std: float = help_field("std of the `noise` target relative to the trigger map's spatial mean", default=1.0)
+    random_words: tuple[str, ...] = help_field("words drawn for the random-word target", default=DEFAULT_RANDOM_WORDS)
+    attn_layers: tuple[str, ...] | None = help_field("attn2 layers used by L_attn: processor names or prefixes "
                                                 "(e.g. 'down_blocks.1', 'mid_block'); None = all", default=None)
-    attn_resolution: int | None = _help("resize every layer's maps to r x r before the loss; None = native size",
+    attn_resolution: int | None = help_field("resize every layer's maps to r x r before the loss; None = native size",
                                         default=None)
-    attn_columns: AttnColumns = _help("token columns in L_attn: prompt (BOS..EOS, as the paper) or all 77",
+    attn_columns: AttnColumns = help_field("token columns in L_attn: prompt (BOS..EOS, as the paper) or all 77",
                                       default="prompt")
-    normalize_tokens: bool = _help("normalise each token map to sum 1 over positions (the zero target is "
+    normalize_tokens: bool = help_field("normalise each token map to sum 1 over positions (the zero target is "
                                    "compared unnormalised)", default=False)
-    timestep_weighting: bool = _help("weight L_attn by t/T per sample (paper appendix B.2)", default=False)
-    trainable: Trainable = _help("full UNet, attn2-kv (to_k/to_v of cross-attention only), or lora (peft)",
+    timestep_weighting: bool = help_field("weight L_attn by t/T per sample (paper appendix B.2)", default=False)
+    trainable: Trainable = help_field("full UNet, attn2-kv (to_k/to_v of cross-attention only), or lora (peft)",
                                  default="full")
-    lora_rank: int = _help("LoRA rank", default=4)
-    lora_alpha: float | None = _help("LoRA alpha (None = rank)", default=None)
-    lora_targets: tuple[str, ...] = _help("module names LoRA adapts", default=LORA_TARGETS)
-    steps: int = _help("optimizer steps (paper: 75 epochs x 100 prompts, batch 1 = 7500)", default=1000)
-    batch_size: int = _help("prompts per step and process", default=1)
-    lr: float | None = _help("AdamW learning rate; None = 1e-6 full (paper), 1e-5 attn2-kv, 1e-4 lora",
+    lora_rank: int = help_field("LoRA rank", default=4)
+    lora_alpha: float | None = help_field("LoRA alpha (None = rank)", default=None)
+    lora_targets: tuple[str, ...] = help_field("module names LoRA adapts", default=LORA_TARGETS)
+    steps: int = help_field("optimizer steps (paper: 75 epochs x 100 prompts, batch 1 = 7500)", default=1000)
+    batch_size: int = help_field("prompts per step and process", default=1)
+    lr: float | None = help_field("AdamW learning rate; None = 1e-6 full (paper), 1e-5 attn2-kv, 1e-4 lora",
                              default=None)
-    weight_decay: float = _help("AdamW weight decay", default=1e-2)
-    max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
-    ema: bool = _help("train with an EMA of the weights; the EMA is copied in only at the end", default=False)
-    ema_decay: float = _help("EMA decay", default=0.999)
-    gradient_checkpointing: bool = _help("trade compute for memory in the student UNet", default=False)
-    mixed_precision: MixedPrecision = _help("accelerate mixed precision", default="no")
-    cpu: bool = _help("force CPU even when an accelerator is present", default=False)
-    seed: int = _help("seed of the latent bank, noise, timesteps, shuffling and LoRA init", default=0)
-    bank_steps: int = _help("sampling steps used to generate the teacher's clean latent bank", default=20)
-    bank_guidance: float = _help("guidance scale of the latent bank", default=7.5)
+    weight_decay: float = help_field("AdamW weight decay", default=1e-2)
+    max_grad_norm: float = help_field("gradient clipping norm (0 disables)", default=1.0)
+    ema: bool = help_field("train with an EMA of the weights; the EMA is copied in only at the end", default=False)
+    ema_decay: float = help_field("EMA decay", default=0.999)
+    gradient_checkpointing: bool = help_field("trade compute for memory in the student UNet", default=False)
+    mixed_precision: MixedPrecision = help_field("accelerate mixed precision", default="no")
+    cpu: bool = help_field("force CPU even when an accelerator is present", default=False)
+    seed: int = help_field("seed of the latent bank, noise, timesteps, shuffling and LoRA init", default=0)
+    bank_steps: int = help_field("sampling steps used to generate the teacher's clean latent bank", default=20)
+    bank_guidance: float = help_field("guidance scale of the latent bank", default=7.5)
 
     def __post_init__(self) -> None:
         if not isinstance(self.trigger, str) or not self.trigger.strip():
@@ -166,7 +156,7 @@ class SKDConfig:
         return self.method != "skd-cag" or self.alpha < 1
 
     @classmethod
-    def field_help(cls) -> dict[str, str]:
+    def fieldhelp_field(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sealdiff.config import help_field
 from sealdiff.errors import SealdiffError
 from sealdiff.registry import MethodSpec, lookup
 
@@ -113,10 +114,6 @@ def check_positive(values: dict[str, Any], integer: bool = True) -> None:
         if not ok or value <= 0:
             kind = "an integer >= 1" if integer else "a number > 0"
             raise SealdiffError(f"{name} {value!r} is invalid; valid: {kind}")
-
-
-def help_field(text: str, **kwargs) -> Any:
-    return field(metadata={"help": text}, **kwargs)
 
 
 __all__ = ["DETECTORS", "Detector", "DetectorSpec", "ScanResult", "check_positive", "get_detector", "help_field"]

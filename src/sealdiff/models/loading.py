@@ -151,7 +151,7 @@ def check_weights(directory: Path, components: tuple[str, ...], allow_pickle: bo
                                     f"({exc.__class__.__name__}: {_one_line(exc)})") from None
 
 
-def _read_index(directory: Path) -> dict:
+def read_model_index(directory: Path) -> dict:
     index = directory / "model_index.json"
     if not index.is_file():
         raise SealdiffError(f"{directory} is not a diffusers pipeline directory (no model_index.json)")
@@ -165,7 +165,7 @@ def _read_index(directory: Path) -> dict:
 
 
 def model_type(directory: Path) -> str:
-    return _read_index(directory)["_class_name"]
+    return read_model_index(directory)["_class_name"]
 
 
 def check_components(directory: Path, index: dict) -> None:
@@ -242,7 +242,7 @@ def load_t2i(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.
     from diffusers import StableDiffusionPipeline
 
     directory = resolve_model(spec)
-    index = _read_index(directory)
+    index = read_model_index(directory)
     kind = index["_class_name"]
     if kind not in ("StableDiffusionPipeline",):
         raise SealdiffError(f"{directory} holds a {kind}; this command needs a text-to-image StableDiffusionPipeline")

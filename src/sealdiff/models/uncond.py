@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from sealdiff.errors import SealdiffError
-from sealdiff.models.loading import _library_error, _one_line, check_finite, check_weights, resolve_model
+from sealdiff.models.loading import (_library_error, _one_line, check_finite, check_weights, read_model_index,
+                                     resolve_model)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel
@@ -201,23 +202,10 @@ def tiny_uncond(kind: ModelKind, image_size: int = 16, channels: tuple[int, ...]
 # directories
 
 
-def _read_index(directory: Path) -> dict:
-    index = directory / "model_index.json"
-    if not index.is_file():
-        raise SealdiffError(f"{directory} is not a diffusers pipeline directory (no model_index.json)")
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise SealdiffError(f"{index} is not a valid model_index.json") from None
-    if not isinstance(data, dict) or not isinstance(data.get("_class_name"), str):
-        raise SealdiffError(f"{index} is not a valid model_index.json (no _class_name)")
-    return data
-
-
 def uncond_kind(directory: str | Path) -> ModelKind | None:
     """The kind of the unconditional pipeline directory, or None when it is another pipeline."""
     try:
-        return KIND_OF_PIPELINE.get(_read_index(Path(directory))["_class_name"])
+        return KIND_OF_PIPELINE.get(read_model_index(Path(directory))["_class_name"])
     except SealdiffError:
         return None
 
@@ -279,7 +267,7 @@ def load_uncond(path: str | Path, allow_pickle: bool = False) -> UncondModel:
     `torch.load(weights_only=True)` accepts as plain state dicts). The schedule is read from `scheduler/`:
     as a `DDPMScheduler` for ddpm/ldm (whatever scheduler class was saved), a `ScoreSdeVeScheduler` for ncsn."""
     directory = resolve_model(path)
-    index = _read_index(directory)
+    index = read_model_index(directory)
     cls_name = index["_class_name"]
     kind = KIND_OF_PIPELINE.get(cls_name)
     if kind is None:
