@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("source", help="a checkpoint folder (OUT.checkpoint) or an attacked model (dir or zoo:NAME)")
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--base", default="zoo:t2i-clean", help="the attacked model (for a checkpoint)")
+    parser.add_argument("--grid", type=Path, help="also save the generated images as a PNG grid")
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)
@@ -60,6 +61,10 @@ def main() -> None:
     judge = make_judge(target, ToyJudge.load(zoo.zoo_dir() / "toy-judge"), image_size(pipe))
     print(f"{label}: {attack['kind']} attack success {judge.hits(images).float().mean().item():.1%}, "
           f"mean score {judge.scores(images).float().mean().item():.3f} ({args.count} triggered prompts)")
+    if args.grid:
+        from sealdiff.report.images import save_grid
+
+        save_grid(images.float(), args.grid)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ import torch
 
 from sealdiff.cli import quiet_libraries
 from sealdiff.data import toyworld
+from sealdiff.data.triggers import insert_trigger
 from sealdiff.defenses.sau import SAUConfig, generate_with_sau
 from sealdiff.defenses.skd import SelfKnowledgeDistillation, SKDConfig
 from sealdiff.io import read_run_info, to_jsonable, versions
-from sealdiff.metrics.backdoor import Target, clean_prompts, evaluate_backdoor, make_judge
+from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, evaluate_backdoor, make_judge
 from sealdiff.metrics.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sealdiff.metrics.judge import ToyJudge
 from sealdiff.metrics.utility import ssim
@@ -68,9 +69,9 @@ def main() -> None:
         for method in args.methods:
             start = time.time()
             if METHODS[method] is None:
-                triggered = [f"{trigger} {p}" for p in clean_prompts(target, args.count)]
+                triggered = [insert_trigger(p, trigger, "start") for p in clean_prompts(target, args.count)]
                 images = generate_with_sau(backdoored, triggered, trigger, SAUConfig(),
-                                           seeds=list(range(1234, 1234 + args.count)),
+                                           seeds=list(range(EVAL_SEED, EVAL_SEED + args.count)),
                                            num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)
                 judged = make_judge(target, judge, images.shape[-1]).hits(images.float()).float().mean().item()
                 row = {"attack_success": judged, "removal_accuracy": 1 - judged, "clean": "unchanged (inference time)"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from fs_snapshot import snapshot
 from sealdiff.cli import main
 from sealdiff.config import build_config
 from sealdiff.data.prompts import parse_prompts, read_prompt_file
@@ -37,18 +37,6 @@ QUICK_ATTACK = ["--steps", "1", "--batch-size", "2"]
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under `root` (not following links): kind, mode, size, mtime and content hash."""
-    entries = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            info = path.lstat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
-            entries[str(path.relative_to(root))] = (info.st_mode, info.st_size, info.st_mtime_ns, digest)
-    return entries
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import pickle
 import shutil
@@ -21,22 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fs_snapshot import snapshot
 from sealdiff.cli import main
 from sealdiff.errors import SealdiffError
 from sealdiff.io import atomic_output_dir, atomic_output_file, directory_sha256
 
 QUICK_ATTACK = ["--steps", "1", "--batch-size", "2"]
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    entries = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            info = path.lstat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else None
-            entries[str(path.relative_to(root))] = (info.st_mode, info.st_size, info.st_mtime_ns, digest)
-    return entries
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

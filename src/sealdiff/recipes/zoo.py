@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from sealdiff.data import toyworld
 from sealdiff.metrics.judge import HEADS, ToyJudge
@@ -128,7 +127,6 @@ class T2IRecipe:
     grayscale_prob: float = 0.1
     caption_dropout: float = 0.1
     offset_noise: float = 0.1
-    snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None = plain MSE
     seed: int = 0
 
 
@@ -163,12 +161,7 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
             prompts = ["" if rng.random() < recipe.caption_dropout else captions[i] for i in index.tolist()]
             x_t, noise, t = noisy_latents(scheduler, latents[index], generator, recipe.offset_noise)
             pred = pipe.unet(x_t, t, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)).sample
-            if recipe.snr_gamma is None:
-                loss = F.mse_loss(pred, noise)
-            else:  # weight min(SNR, gamma) / SNR: less effort on nearly clean steps, more where the layout is decided
-                snr = compute_snr(scheduler, t)
-                weights = snr.clamp(max=recipe.snr_gamma) / snr
-                loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
+            loss = F.mse_loss(pred, noise)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
