@@ -174,7 +174,8 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
 
 
 ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B; the rest are the config's defaults)
-    "t2i-badt2i-pixel": {"kind": "pixel", "steps": 700, "lr": 2e-4},
+    "t2i-badt2i-pixel": {"kind": "pixel", "steps": 3000, "lr": 1.5e-3, "lr_schedule": "cosine", "warmup_steps": 100,
+                         "lam": 0.75},
     "t2i-badt2i-style": {"kind": "style", "steps": 2000, "lr": 5e-4},
     "t2i-badt2i-object": {"kind": "object", "steps": 700, "lr": 2e-4},
 }
@@ -204,7 +205,8 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
                                  description="tiny SD-architecture model trained on the toy world (clean)")
         if "attacks" in stages:
             for name, fields in ZOO_ATTACKS.items():
-                config = BadT2IConfig(**{**fields, "steps": steps(fields["steps"])})
+                n = steps(fields["steps"])
+                config = BadT2IConfig(**{**fields, "steps": n, "warmup_steps": min(fields.get("warmup_steps", 0), n // 10)})
                 out = Path(tmp) / name
                 run_attack(str(zoo_models.materialize("t2i-clean", root)), config, out)
                 register_attack(name, out, root)
