@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -66,6 +67,27 @@ def progress_bar(description: str, total: int, disable: bool = False) -> Iterato
             progress.update(task, advance=n, info=info)
 
         yield advance
+
+
+def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int,
+                  description: str, progress: bool = True, after_step: Callable[[], None] | None = None) -> list[float]:
+    """`steps` updates of `optimizer` on `loss_fn()` under a progress bar (`after_step()` after each update);
+    a non-finite loss stops the run with a clear error. Returns the losses."""
+    losses: list[float] = []
+    with progress_bar(description, steps, disable=not progress) as advance:
+        for i in range(steps):
+            loss = loss_fn()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise SealdiffError(f"{description}: the loss became {value} at step {i + 1}; lower the learning rate")
+            losses.append(value)
+            advance(info=f"loss {value:.4f}")
+    return losses
 
 
 # --------------------------------------------------------------------------------------------------

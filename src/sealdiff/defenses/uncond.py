@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,29 +171,16 @@ def trainable_count(unet) -> int:
 
 def fine_tune(unet, description: str, steps: int, lr: float, loss_fn, progress: bool = True,
               after_step=None) -> tuple[list[float], float]:
-    """Train every weight of `unet` with AdamW on `loss_fn() -> loss` for `steps` steps under a progress bar
-    (`after_step()` runs after each update); a non-finite loss stops the run. Returns (losses, seconds)."""
-    from sealdiff.training import progress_bar
+    """Train every weight of `unet` with AdamW on `loss_fn() -> loss` for `steps` steps (`after_step()` runs after
+    each update); a non-finite loss stops the run. Returns (losses, seconds)."""
+    from sealdiff.training import run_optimizer
 
-    losses: list[float] = []
     start = time.perf_counter()
     unet.train()
     unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     try:
-        with progress_bar(description, steps, disable=not progress) as advance:
-            for i in range(steps):
-                loss = loss_fn()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if after_step is not None:
-                    after_step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise SealdiffError(f"{description}: the loss became {value} at step {i}; lower the learning rate")
-                losses.append(value)
-                advance(info=f"loss {value:.4f}")
+        losses = run_optimizer(optimizer, loss_fn, steps, description, progress, after_step)
     finally:
         unet.eval()
     return losses, time.perf_counter() - start

@@ -235,22 +235,12 @@ def optimize_trigger(unet: torch.nn.Module, trigger: torch.Tensor, loss_fn, desc
                      lr: float, progress: bool = True) -> list[float]:
     """Adam on the leaf tensor `trigger` (the model stays frozen, its requires_grad flags are restored) for
     `epochs` steps of `loss_fn() -> loss`; returns the losses."""
-    from sealdiff.training import progress_bar
+    from sealdiff.training import run_optimizer
 
     requires = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
-    optimizer = torch.optim.Adam([trigger], lr=lr)
-    losses: list[float] = []
     try:
-        with progress_bar(description, epochs, disable=not progress) as advance:
-            for _ in range(epochs):
-                loss = loss_fn()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                advance(info=f"loss {losses[-1]:.4f}")
+        return run_optimizer(torch.optim.Adam([trigger], lr=lr), loss_fn, epochs, description, progress)
     finally:
         for p, r in zip(unet.parameters(), requires):
             p.requires_grad_(r)
-    return losses
