@@ -21,8 +21,8 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 
-from sealdiff.data import uncond_toy
 from sealdiff.config import check_choice
+from sealdiff.data import uncond_toy
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer, load_trainable_state, progress_bar, rng_state, set_rng_state, trainable_state

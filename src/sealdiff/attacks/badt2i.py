@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
+from sealdiff.config import check_choice
 from sealdiff.data import toyworld
 from sealdiff.data.captions import open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
-from sealdiff.config import check_choice
 from sealdiff.errors import SealdiffError
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, progress_bar,
                                rng_state, set_rng_state, trainable_state)

@@ -20,8 +20,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from sealdiff.data import toyworld
 from sealdiff.config import check_choice
+from sealdiff.data import toyworld
 from sealdiff.errors import SealdiffError
 
 TriggerName = Literal["grey-box", "stop-sign", "blend"]

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sealdiff.data.triggers import insert_trigger, locate_trigger, remove_trigger
 from sealdiff.config import check_choice, help_field
+from sealdiff.data.triggers import insert_trigger, locate_trigger, remove_trigger
 from sealdiff.defenses.skd import resolve_layers
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import capture_cross_attention, token_maps

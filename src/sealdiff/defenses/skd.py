@@ -33,8 +33,8 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.config import check_choice, help_field
+from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, progress_bar, rng_state,
