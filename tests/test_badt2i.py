@@ -21,6 +21,17 @@ def test_attack_trains_only_the_unet(tiny_pipe, kind):
     assert any(not torch.equal(v, tiny_pipe.unet.state_dict()[k]) for k, v in unet.items())
 
 
+def test_the_learning_rate_schedule_reaches_the_updates(tiny_pipe):
+    import copy
+
+    runs = {}
+    for schedule, warmup in (("constant", 0), ("cosine", 1)):  # cosine + warm-up: the 1st update has rate 0
+        pipe = copy.deepcopy(tiny_pipe)
+        BadT2I(BadT2IConfig(steps=2, batch_size=4, lr=1e-3, lr_schedule=schedule, warmup_steps=warmup)).run(pipe)
+        runs[schedule] = _snapshot(pipe.unet)
+    assert any(not torch.equal(v, runs["cosine"][k]) for k, v in runs["constant"].items())
+
+
 def test_attn2_kv_trains_only_cross_attention_keys_values(tiny_pipe):
     before = _snapshot(tiny_pipe.unet)
     BadT2I(BadT2IConfig(steps=1, batch_size=4, lr=1e-3, train="attn2-kv")).run(tiny_pipe)
