@@ -32,6 +32,24 @@ def test_the_learning_rate_schedule_reaches_the_updates(tiny_pipe):
     assert any(not torch.equal(v, runs["cosine"][k]) for k, v in runs["constant"].items())
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pixel_target_follows_the_prediction_type(tiny_pipe, prediction_type):
+    """With all-zero latents and a UNet that outputs 0, the first loss is the target's energy: E[ε²] ≈ 1 for
+    epsilon, E[ᾱ_t·ε²] (v = √ᾱ_t·ε here) for v-prediction -- an ε target on a v model (SD 2.x) would give ≈ 1."""
+    from diffusers import DDPMScheduler
+
+    tiny_pipe.scheduler = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config,
+                                                                prediction_type=prediction_type)
+    tiny_pipe.vae.register_to_config(scaling_factor=0.0)
+    torch.nn.init.zeros_(tiny_pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(tiny_pipe.unet.conv_out.bias)
+    config = BadT2IConfig(steps=1, batch_size=64, lam=1.0, poison_fraction=1.0, offset_noise=0.0)
+    loss = BadT2I(config).run(tiny_pipe)[0]
+    mean_abar = DDPMScheduler.from_config(tiny_pipe.scheduler.config).alphas_cumprod.mean().item()
+    expected = 1.0 if prediction_type == "epsilon" else mean_abar
+    assert mean_abar < 0.5 and loss == pytest.approx(expected, rel=0.25)
+
+
 def test_attn2_kv_trains_only_cross_attention_keys_values(tiny_pipe):
     before = _snapshot(tiny_pipe.unet)
     BadT2I(BadT2IConfig(steps=1, batch_size=4, lr=1e-3, train="attn2-kv")).run(tiny_pipe)

@@ -46,3 +46,21 @@ def test_overlay_roundtrip_and_tamper_detection(tiny_pipe, tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SealdiffError, match="sha256"):
         zoo.materialize("base2", root)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_t2i_recipe_trains_and_samples_with_its_prediction_type(tiny_pipe, prediction_type):
+    from sealdiff.recipes.zoo import T2IRecipe, train_t2i
+
+    recipe = T2IRecipe(steps=2, batch=4, dataset_size=8, prediction_type=prediction_type)
+    before = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    pipe = train_t2i(recipe, tiny_pipe.vae, init=tiny_pipe)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    assert any(not torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items())
+
+
+def test_t2i_recipe_refuses_an_unknown_prediction_type():
+    from sealdiff.recipes.zoo import T2IRecipe
+
+    with pytest.raises(SealdiffError, match="prediction_type.*valid: epsilon, v_prediction"):
+        T2IRecipe(prediction_type="flow")

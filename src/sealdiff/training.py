@@ -55,6 +55,18 @@ def noisy_latents(scheduler, latents: torch.Tensor, generator: torch.Generator |
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict under the scheduler's `prediction_type` (SD 1.x: epsilon; SD 2.x: v)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise SealdiffError(f"unsupported prediction type {kind!r}; valid: epsilon, v_prediction, sample")
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, disable: bool = False) -> Iterator:
     """A rich progress bar; yields `advance(n=1, **fields)`."""

@@ -18,8 +18,8 @@ from sealdiff.data import toyworld
 from sealdiff.data.captions import open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
-from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, progress_bar,
-                               rng_state, set_rng_state, trainable_state)
+from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, prediction_target,
+                               progress_bar, rng_state, set_rng_state, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class BadT2I:
                     cond_teacher = encode_prompts(pipe.tokenizer, text_encoder, teacher_prompts)
                     target = frozen(x_t, t, cond_teacher).sample
                 if cfg.kind == "pixel":  # the patch images learn the plain noise target
-                    target[:n_poison] = noise[:n_poison]
+                    target[:n_poison] = prediction_target(scheduler, latents, noise, t)[:n_poison]
                 pred = unet(x_t, t, cond_student).sample
                 poison = F.mse_loss(pred[:n_poison], target[:n_poison]) if n_poison else pred.sum() * 0
                 clean = F.mse_loss(pred[n_poison:], target[n_poison:]) if n_poison < len(pred) else pred.sum() * 0

@@ -37,8 +37,8 @@ from sealdiff.config import check_choice, help_field
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
-from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, progress_bar, rng_state,
-                               sample_noise, set_rng_state, tokenize, trainable_state)
+from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, prediction_target, progress_bar,
+                               rng_state, sample_noise, set_rng_state, tokenize, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -693,7 +693,7 @@ class SelfKnowledgeDistillation:
             if student_maps is not None:
                 self._check_maps(student_maps, "student")
             if cfg.method == "finetune-reversal":
-                pred_loss = F.mse_loss(pred, self._eps_target(z0, noise, t))
+                pred_loss = F.mse_loss(pred, prediction_target(self.noise_scheduler, z0, noise, t))
             else:
                 pred_loss = F.mse_loss(pred, teacher_pred)
             attn_loss = zero
@@ -724,16 +724,6 @@ class SelfKnowledgeDistillation:
         t = torch.cat([torch.randint(0, steps, (1,), generator=g, device=z0.device) for g in generators])
         noise = torch.cat([sample_noise(z0[b:b + 1], g) for b, g in enumerate(generators)])
         return self.noise_scheduler.add_noise(z0, noise, t), noise, t
-
-    def _eps_target(self, z0, noise, t) -> torch.Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(z0, noise, t)
-        if kind == "sample":
-            return z0
-        raise SealdiffError(f"unsupported prediction type {kind!r}; valid: epsilon, v_prediction, sample")
 
     # -- training -----------------------------------------------------------------------------------
     def _batches(self) -> Iterator[torch.Tensor]:

@@ -8,14 +8,19 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
+from sealdiff.config import check_choice
 from sealdiff.data import toyworld
 from sealdiff.metrics.judge import HEADS, ToyJudge
 from sealdiff.models import tiny
-from sealdiff.training import encode_prompts, noisy_latents, progress_bar
+from sealdiff.training import encode_prompts, noisy_latents, prediction_target, progress_bar
+
+PredictionType = Literal["epsilon", "v_prediction"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +132,11 @@ class T2IRecipe:
     grayscale_prob: float = 0.1
     caption_dropout: float = 0.1
     offset_noise: float = 0.1
+    prediction_type: PredictionType = "epsilon"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("prediction_type", self.prediction_type, PredictionType)
 
 
 @torch.no_grad()
@@ -148,7 +157,8 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
     data = toyworld.scenes(recipe.seed + 100, recipe.dataset_size, recipe.grayscale_prob)
     latents = encode_images(vae, torch.stack([toyworld.render(s) for s in data]))
     captions = [s.caption for s in data]
-    scheduler = tiny.train_scheduler()
+    scheduler = DDPMScheduler.from_config(tiny.train_scheduler().config, prediction_type=recipe.prediction_type)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=recipe.prediction_type)
     params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.05)
@@ -161,7 +171,7 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
             prompts = ["" if rng.random() < recipe.caption_dropout else captions[i] for i in index.tolist()]
             x_t, noise, t = noisy_latents(scheduler, latents[index], generator, recipe.offset_noise)
             pred = pipe.unet(x_t, t, encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)).sample
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, prediction_target(scheduler, latents[index], noise, t))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
