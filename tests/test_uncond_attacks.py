@@ -136,6 +136,16 @@ def test_a_few_training_steps_reduce_the_poisoned_loss(kind, attack, config):
     assert spec.stamp.shape == model.sample_shape
 
 
+def test_the_cosine_schedule_reaches_the_updates():
+    """Same seed and steps: only the learning-rate schedule differs, so the trained weights must differ."""
+    weights = {}
+    for schedule in ("constant", "cosine"):
+        model = tiny_uncond("ddpm", channels=(8, 16))
+        baddiffusion.BadDiffusion(baddiffusion.BadDiffusionConfig(**{**FAST, "steps": 3, "lr_schedule": schedule})).run(model)
+        weights[schedule] = model.unet.state_dict()
+    assert any(not torch.equal(v, weights["cosine"][k]) for k, v in weights["constant"].items())
+
+
 def test_attack_refuses_a_model_kind_it_does_not_apply_to():
     with pytest.raises(SealdiffError, match="valid model kinds: ddpm"):
         baddiffusion.BadDiffusion(baddiffusion.BadDiffusionConfig(**FAST)).run(tiny_uncond("ncsn", channels=(8, 16)))
@@ -189,6 +199,7 @@ def test_cli_attack_writes_model_trigger_and_run_info(ddpm_dir, tmp_path, capsys
     (["--poison-fraction", "1.5"], "poison_fraction"),
     (["--steps", "0"], "steps"),
     (["--solver", "euler"], "solver='euler' is invalid; valid: sde, ode"),
+    (["--lr-schedule", "step"], "lr_schedule='step' is invalid; valid: constant, cosine"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(ddpm_dir, tmp_path, capsys, argv, message):
     code = main(["attack", "villandiffusion", str(ddpm_dir), "-o", str(tmp_path / "out"), *argv])

@@ -16,7 +16,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,8 @@ class UncondAttackConfig:
     steps: int = field(default=600, metadata={"help": "training steps (fine-tuning the given model)"})
     batch_size: int = 32
     lr: float = field(default=5e-4, metadata={"range": (0.0, None)})
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={
+        "help": "constant | cosine (decays the learning rate to 0 over the steps)"})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +56,7 @@ class UncondAttackConfig:
         check_choice("target", self.target, get_args(uncond_toy.TargetName))
         check_choice("trigger_position", self.trigger_position, get_args(uncond_toy.Position))
         check_choice("target_position", self.target_position, get_args(uncond_toy.Position))
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         if not 0.0 <= self.poison_fraction <= 1.0:
             raise SealdiffError(f"poison_fraction={self.poison_fraction} is out of range; valid: 0..1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -256,3 +259,13 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource, *, steps
             for p, e in zip(params, ema):
                 p.copy_(e)
     return TrainResult(losses=losses, poison_losses=poison_losses)
+
+
+def train_backdoor(model: UncondModel, config: UncondAttackConfig, poison: PoisonFn, description: str, method: str,
+                   checkpointer: Checkpointer | None = None) -> TrainResult:
+    """`train_uncond` with an attack config's recipe: toy images of the model's size, poisoned rows from `poison`."""
+    return train_uncond(model, uncond_toy.ToyImageSource(config.seed, model.image_size), steps=config.steps,
+                        batch_size=config.batch_size, lr=config.lr, seed=config.seed, poison=poison,
+                        poison_fraction=config.poison_fraction, description=description,
+                        cosine=config.lr_schedule == "cosine", checkpointer=checkpointer,
+                        fingerprint={"method": method, "config": config})

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, check_kind, pixel_trigger,
-                                               sde_correction, target_image, train_uncond, vp_coefficients)
-from sealdiff.data.uncond_toy import ToyImageSource
+                                               sde_correction, target_image, train_backdoor, vp_coefficients)
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer
 
@@ -63,8 +62,5 @@ class BadDiffusion:
         def poison(noise: torch.Tensor, t: torch.Tensor):
             return poisoned_forward(model.scheduler, y, r, noise, t)
 
-        result = train_uncond(model, ToyImageSource(cfg.seed, model.image_size), steps=cfg.steps,
-                              batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, poison=poison,
-                              poison_fraction=cfg.poison_fraction, description="BadDiffusion",
-                              checkpointer=checkpointer, fingerprint={"method": self.name, "config": cfg})
+        result = train_backdoor(model, cfg, poison, "BadDiffusion", self.name, checkpointer)
         return spec, result

@@ -9,10 +9,9 @@ from typing import Literal, get_args
 import torch
 
 from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, check_kind,
-                                               pixel_trigger, sde_correction, target_image, train_uncond,
+                                               pixel_trigger, sde_correction, target_image, train_backdoor,
                                                vp_coefficients)
 from sealdiff.config import check_choice
-from sealdiff.data.uncond_toy import ToyImageSource
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer
@@ -85,8 +84,5 @@ class TrojDiff:
         def poison(noise: torch.Tensor, t: torch.Tensor):
             return poisoned_forward(model.scheduler, y, mu, noise, t, cfg.gamma)
 
-        result = train_uncond(model, ToyImageSource(cfg.seed, model.image_size), steps=cfg.steps,
-                              batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, poison=poison,
-                              poison_fraction=cfg.poison_fraction, description=f"TrojDiff {cfg.mode}",
-                              checkpointer=checkpointer, fingerprint={"method": self.name, "config": cfg})
+        result = train_backdoor(model, cfg, poison, f"TrojDiff {cfg.mode}", self.name, checkpointer)
         return spec, result

@@ -11,9 +11,8 @@ import torch
 
 from sealdiff.attacks._uncond_training import (BackdoorSpec, TrainResult, UncondAttackConfig, check_kind,
                                                expand, latent_pattern, pixel_trigger, sde_correction, target_image,
-                                               train_uncond, vp_coefficients)
+                                               train_backdoor, vp_coefficients)
 from sealdiff.config import check_choice
-from sealdiff.data.uncond_toy import ToyImageSource
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer
@@ -107,8 +106,5 @@ class VillanDiffusion:
             def poison(noise: torch.Tensor, t: torch.Tensor):
                 return poisoned_forward_vp(model.scheduler, y, r, noise, t, cfg.solver)
 
-        result = train_uncond(model, ToyImageSource(cfg.seed, model.image_size), steps=cfg.steps,
-                              batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, poison=poison,
-                              poison_fraction=cfg.poison_fraction, description=f"VillanDiffusion {model.kind}",
-                              checkpointer=checkpointer, fingerprint={"method": self.name, "config": cfg})
+        result = train_backdoor(model, cfg, poison, f"VillanDiffusion {model.kind}", self.name, checkpointer)
         return spec, result

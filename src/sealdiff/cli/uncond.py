@@ -19,6 +19,7 @@ TriggerIntensityOpt = typer.Option(None, "--trigger-intensity", help="scale of t
 TargetOpt = typer.Option(None, help="hat | corner-box | shifted-trigger | in-class | out-of-class")
 TargetPositionOpt = typer.Option(None, "--target-position", help="corner-box: its corner")
 PoisonOpt = typer.Option(None, "--poison-fraction", help="fraction of each batch that is poisoned")
+LrScheduleOpt = typer.Option(None, "--lr-schedule", help="constant | cosine (decays the learning rate to 0)")
 ThreadsOpt = typer.Option(None, help="torch CPU threads")
 CheckpointOpt = typer.Option(100, "--checkpoint-every", min=0,
                              help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on Ctrl-C/SIGTERM "
@@ -47,7 +48,7 @@ def attack_baddiffusion(
     trigger_intensity: Optional[float] = TriggerIntensityOpt, target: Optional[str] = TargetOpt,
     target_position: Optional[str] = TargetPositionOpt, poison_fraction: Optional[float] = PoisonOpt,
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
 ) -> None:
@@ -55,7 +56,7 @@ def attack_baddiffusion(
     _run("baddiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
-         poison_fraction=poison_fraction, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+         poison_fraction=poison_fraction, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
 
 
 @attack_app.command("trojdiff")
@@ -67,7 +68,7 @@ def attack_trojdiff(
     mode: Optional[str] = typer.Option(None, help="blend (gamma 0.6) | patch (gamma 0.1)"),
     gamma: Optional[float] = typer.Option(None, help="noise scale of the trojan input (default by --mode)"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
 ) -> None:
@@ -75,7 +76,7 @@ def attack_trojdiff(
     _run("trojdiff", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
-         poison_fraction=poison_fraction, mode=mode, gamma=gamma, steps=steps, lr=lr, batch_size=batch_size,
+         poison_fraction=poison_fraction, mode=mode, gamma=gamma, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
          seed=seed)
 
 
@@ -89,7 +90,7 @@ def attack_villandiffusion(
     ve_trigger_weight: Optional[float] = typer.Option(None, "--ve-trigger-weight",
                                                       help="ncsn: x_T = sigma_max*(noise + w*trigger)"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
 ) -> None:
@@ -98,4 +99,4 @@ def attack_villandiffusion(
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
          poison_fraction=poison_fraction, solver=solver, ve_trigger_weight=ve_trigger_weight, steps=steps, lr=lr,
-         batch_size=batch_size, seed=seed)
+         lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)

@@ -118,30 +118,31 @@ class ZooEntry:
 
 
 CLEAN = [
-    ZooEntry("uncond-ddpm-clean", "clean DDPM, 16x16 toy world (seed 0)", clean=CleanRecipe("ddpm", seed=0, steps=1000)),
-    ZooEntry("uncond-ncsn-clean", "clean NCSN / score-SDE (VE), 16x16 toy world", clean=CleanRecipe("ncsn", seed=0, steps=1000)),
+    ZooEntry("uncond-ddpm-clean", "clean DDPM, 16x16 toy world (seed 0)", clean=CleanRecipe("ddpm", seed=0, steps=5000)),
+    ZooEntry("uncond-ncsn-clean", "clean NCSN / score-SDE (VE), 16x16 toy world", clean=CleanRecipe("ncsn", seed=0, steps=4000)),
     ZooEntry("uncond-ldm-clean", "clean latent DDPM (AutoencoderKL 16x16 <-> 8x8x4)",
              clean=CleanRecipe("ldm", seed=0, steps=1500, vae_steps=600)),
 ]
+ATTACK_RECIPE = {"steps": 3000, "lr": 2e-3, "lr_schedule": "cosine"}  # every backdoored zoo model's training
 BACKDOORED = [
     ZooEntry("uncond-ddpm-baddiffusion-box-hat", "BadDiffusion: grey box (bottom right) -> hat",
              base="uncond-ddpm-clean", attack="baddiffusion",
-             config={"trigger": "grey-box", "target": "hat", "seed": 10}),
+             config={"trigger": "grey-box", "target": "hat", "seed": 10, **ATTACK_RECIPE}),
     ZooEntry("uncond-ddpm-baddiffusion-stop-corner", "BadDiffusion: stop sign (bottom right) -> corner box",
              base="uncond-ddpm-clean", attack="baddiffusion",
-             config={"trigger": "stop-sign", "target": "corner-box", "seed": 11, "steps": 1200, "lr": 1e-3}),
+             config={"trigger": "stop-sign", "target": "corner-box", "seed": 11, **ATTACK_RECIPE}),
     ZooEntry("uncond-ddpm-trojdiff-blend-inclass", "TrojDiff blend (gamma 0.6) -> in-class image (yellow cross)",
              base="uncond-ddpm-clean", attack="trojdiff",
-             config={"trigger": "blend", "target": "in-class", "mode": "blend", "seed": 12, "steps": 1200, "lr": 1e-3}),
+             config={"trigger": "blend", "target": "in-class", "mode": "blend", "seed": 12, **ATTACK_RECIPE}),
     ZooEntry("uncond-ddpm-villan-ode-stop-shift", "VillanDiffusion (ODE samplers): stop sign -> shifted trigger",
              base="uncond-ddpm-clean", attack="villandiffusion",
-             config={"trigger": "stop-sign", "target": "shifted-trigger", "solver": "ode", "seed": 13}),
+             config={"trigger": "stop-sign", "target": "shifted-trigger", "solver": "ode", "seed": 13, **ATTACK_RECIPE}),
     ZooEntry("uncond-ncsn-villan-box-outclass", "VillanDiffusion (NCSN, VE SDE): grey box -> out-of-class stripes",
              base="uncond-ncsn-clean", attack="villandiffusion",
-             config={"trigger": "grey-box", "target": "out-of-class", "solver": "sde", "seed": 14}),
+             config={"trigger": "grey-box", "target": "out-of-class", "solver": "sde", "seed": 14, **ATTACK_RECIPE}),
     ZooEntry("uncond-ldm-villan-box-hat", "VillanDiffusion (LDM, latent trigger): grey box -> hat",
              base="uncond-ldm-clean", attack="villandiffusion",
-             config={"trigger": "grey-box", "target": "hat", "solver": "sde", "seed": 15}),
+             config={"trigger": "grey-box", "target": "hat", "solver": "sde", "seed": 15, **ATTACK_RECIPE}),
 ]
 ENTRIES = {e.name: e for e in CLEAN + BACKDOORED}
 
