@@ -27,6 +27,12 @@ ConfigOption = typer.Option(None, "--config", help="YAML/JSON file with config f
 SeedOption = typer.Option(None, "--seed", help="random seed")
 OverwriteOption = typer.Option(False, "--overwrite", help="replace an existing output")
 PickleOption = typer.Option(False, "--allow-pickle", help="also load pickle weights (weights_only=True); unsafe")
+ThreadsOption = typer.Option(None, "--threads", help="torch CPU threads")
+LrScheduleOption = typer.Option(None, "--lr-schedule", help="constant | cosine (decays the learning rate to 0)")
+CheckpointOption = typer.Option(100, "--checkpoint-every", min=0,
+                                help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on Ctrl-C/SIGTERM "
+                                     "(0 disables); removed once OUTPUT is written")
+ResumeOption = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/")
 
 
 def _threads(threads: Optional[int]) -> None:
@@ -106,15 +112,12 @@ def attack_badt2i(
     object_target: Optional[str] = typer.Option(None, help="object: object B drawn instead"),
     data: Optional[str] = typer.Option(None, help="'toy' or an imagefolder directory with metadata.jsonl"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    lr_schedule: Optional[str] = typer.Option(None, help="constant | cosine (decays to 0 over the run)"),
+    lr_schedule: Optional[str] = LrScheduleOption,
     warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps"),
     batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
-    allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
-                                         help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on "
-                                              "Ctrl-C/SIGTERM (0 disables); removed once OUTPUT is written"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/"),
+    allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
+    checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
 ) -> None:
     """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
     from sealdiff.attacks import run_attack

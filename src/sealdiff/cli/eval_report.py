@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sealdiff.cli import decode_escapes
-from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, app, console
+from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, ThreadsOption, app, console
 from sealdiff.errors import SealdiffError
 
 
@@ -36,7 +36,7 @@ def evaluate(
     label: Optional[str] = typer.Option(None, help="run label in reports (default: the model's name)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write an evaluation run directory here"),
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Per-judge attack success, false triggers, removal accuracy and utility on fixed prompts and seeds."""
     import dataclasses

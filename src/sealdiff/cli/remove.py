@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from sealdiff.cli import decode_escapes
-from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, SeedOption, _threads, app, console
+from sealdiff.cli.app import (CheckpointOption, ConfigOption, OverwriteOption, PickleOption, ResumeOption, SeedOption,
+                              ThreadsOption, _threads, app, console)
 from sealdiff.errors import SealdiffError
 
 TRAINING_METHODS = ("skd", "skd-cag", "finetune-reversal")
@@ -42,11 +43,8 @@ def remove(
     save_format: Optional[str] = typer.Option(None, "--format", help="merged | lora (default: lora for LoRA)"),
     measure: int = typer.Option(50, help="prompts for the before/after measurement (0 skips it)"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
-    allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", min=0,
-                                         help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on "
-                                              "Ctrl-C/SIGTERM (0 disables); removed once OUTPUT is written"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/"),
+    allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
+    checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
     trigger_file: Optional[Path] = typer.Option(None, "--trigger-file",
                                                 help="unconditional: a `sealdiff scan` output folder or its "
                                                      "trigger.safetensors (default: scan first)"),

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, SeedOption, _threads, app, console
+from sealdiff.cli.app import (ConfigOption, OverwriteOption, PickleOption, SeedOption, ThreadsOption, _threads, app,
+                              console)
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def scan(
                                                      "samples (default: ddpm and ddim; sde-ve for ncsn)"),
     epochs: Optional[int] = typer.Option(None, help="optimisation steps of the inversion"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
-    allow_pickle: bool = PickleOption, threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
 ) -> None:
     """Scan an unconditional model: invert the trigger (never given) and decide clean / backdoored."""
     from sealdiff.detection import get_detector, load_for_scan, write_scan

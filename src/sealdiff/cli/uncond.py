@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from sealdiff.cli.app import ConfigOption, OverwriteOption, PickleOption, SeedOption, _threads, attack_app, console
+from sealdiff.cli.app import (CheckpointOption, ConfigOption, LrScheduleOption, OverwriteOption, PickleOption,
+                              ResumeOption, SeedOption, ThreadsOption, _threads, attack_app, console)
 from sealdiff.errors import SealdiffError
 
 ModelArg = typer.Argument(..., help="unconditional model directory (DDPMPipeline / ScoreSdeVePipeline / LDMPipeline) or zoo:NAME")
@@ -19,12 +20,6 @@ TriggerIntensityOpt = typer.Option(None, "--trigger-intensity", help="scale of t
 TargetOpt = typer.Option(None, help="hat | corner-box | shifted-trigger | in-class | out-of-class")
 TargetPositionOpt = typer.Option(None, "--target-position", help="corner-box: its corner")
 PoisonOpt = typer.Option(None, "--poison-fraction", help="fraction of each batch that is poisoned")
-LrScheduleOpt = typer.Option(None, "--lr-schedule", help="constant | cosine (decays the learning rate to 0)")
-ThreadsOpt = typer.Option(None, help="torch CPU threads")
-CheckpointOpt = typer.Option(100, "--checkpoint-every", min=0,
-                             help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on Ctrl-C/SIGTERM "
-                                  "(0 disables); removed once OUTPUT is written")
-ResumeOpt = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/")
 
 
 def _run(method: str, model: str, output: Path, config: Optional[Path], overwrite: bool, allow_pickle: bool,
@@ -48,9 +43,10 @@ def attack_baddiffusion(
     trigger_intensity: Optional[float] = TriggerIntensityOpt, target: Optional[str] = TargetOpt,
     target_position: Optional[str] = TargetPositionOpt, poison_fraction: Optional[float] = PoisonOpt,
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOption, batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
-    threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
+    threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
 ) -> None:
     """BadDiffusion: x_T = noise + trigger makes a DDPM generate the target image."""
     _run("baddiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
@@ -68,9 +64,10 @@ def attack_trojdiff(
     mode: Optional[str] = typer.Option(None, help="blend (gamma 0.6) | patch (gamma 0.1)"),
     gamma: Optional[float] = typer.Option(None, help="noise scale of the trojan input (default by --mode)"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOption, batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
-    threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
+    threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
 ) -> None:
     """TrojDiff: x_T = gamma*noise + (1-gamma)*trigger makes a DDPM generate the target image."""
     _run("trojdiff", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
@@ -90,9 +87,10 @@ def attack_villandiffusion(
     ve_trigger_weight: Optional[float] = typer.Option(None, "--ve-trigger-weight",
                                                       help="ncsn: x_T = sigma_max*(noise + w*trigger)"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
-    lr_schedule: Optional[str] = LrScheduleOpt, batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = SeedOption,
+    lr_schedule: Optional[str] = LrScheduleOption, batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
-    threads: Optional[int] = ThreadsOpt, checkpoint_every: int = CheckpointOpt, resume: bool = ResumeOpt,
+    threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
 ) -> None:
     """VillanDiffusion: the noise-trigger backdoor for DDPM, NCSN (VE) and LDM models, SDE or ODE samplers."""
     _run("villandiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
