@@ -1,5 +1,5 @@
 """Train the unconditional part of the zoo (clean DDPM / NCSN / LDM, and their backdoored variants) and register
-each model in zoo/manifest.json (fp16 safetensors, sha256). One model at a time, 1 CPU thread.
+each model in zoo/manifest.json (fp16 safetensors, sha256). One model at a time (--threads, default 1).
 
     python scripts/build_zoo_uncond.py                     # every model not yet in the zoo
     python scripts/build_zoo_uncond.py --only uncond-ddpm-clean --force

@@ -23,6 +23,7 @@ import yaml
 from sealdiff.errors import SealdiffError
 
 T = TypeVar("T")
+LrSchedule = Literal["constant", "cosine"]  # learning-rate schedules of the training recipes (cosine decays to 0)
 
 
 def read_config_file(path: str | Path | None) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from sealdiff.config import check_choice
+from sealdiff.config import LrSchedule, check_choice
 from sealdiff.data import uncond_toy
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
@@ -47,7 +47,7 @@ class UncondAttackConfig:
     steps: int = field(default=600, metadata={"help": "training steps (fine-tuning the given model)"})
     batch_size: int = 32
     lr: float = field(default=5e-4, metadata={"range": (0.0, None)})
-    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={
+    lr_schedule: LrSchedule = field(default="constant", metadata={
         "help": "constant | cosine (decays the learning rate to 0 over the steps)"})
     seed: int = 0
 
@@ -56,7 +56,7 @@ class UncondAttackConfig:
         check_choice("target", self.target, get_args(uncond_toy.TargetName))
         check_choice("trigger_position", self.trigger_position, get_args(uncond_toy.Position))
         check_choice("target_position", self.target_position, get_args(uncond_toy.Position))
-        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("lr_schedule", self.lr_schedule, LrSchedule)
         if not 0.0 <= self.poison_fraction <= 1.0:
             raise SealdiffError(f"poison_fraction={self.poison_fraction} is out of range; valid: 0..1")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
-from sealdiff.config import check_choice
+from sealdiff.config import LrSchedule, check_choice
 from sealdiff.data import toyworld
 from sealdiff.data.captions import open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["pixel", "style", "object"]
 Trainable = Literal["unet", "attn2-kv"]
-LrSchedule = Literal["constant", "cosine"]
 _SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers' names
 
 

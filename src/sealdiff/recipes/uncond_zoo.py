@@ -1,7 +1,8 @@
 """Recipes of the unconditional part of the zoo: clean DDPM / NCSN / LDM models trained from scratch on 16x16
 toy-world renders, and backdoored ones fine-tuned from them by BadDiffusion, TrojDiff and VillanDiffusion.
 
-Deterministic for a seed and a thread count (the zoo was built with 1 thread). Every zoo model is stored in
+Deterministic for a seed and a thread count (the committed models were built with
+`scripts/build_zoo_uncond.py --threads 2`, except uncond-ldm-clean: 1 thread). Every zoo model is stored in
 fp16; a backdoored model stores only its UNet, `trigger.safetensors` and `sealdiff.json` over its clean base.
 """
 
