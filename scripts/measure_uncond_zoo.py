@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from sealdiff.cli.remove_uncond import MEASURE_STEPS as STEPS
 from sealdiff.data import uncond_toy
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 from sealdiff.models import zoo
 from sealdiff.models.uncond import SAMPLERS, load_uncond
 
-STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler": 20, "heun": 20, "sde-ve": 50}
 DEFAULT_SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-ve")
 AGREEMENT_SAMPLER = {"ddpm": "ddim", "ldm": "ddim", "ncsn": "sde-ve"}  # agreement with the clean base: one sampler
 REFERENCE_SEED = 777_001  # toy renders no zoo model trained on (training pools use seeds < 100)
