@@ -18,8 +18,9 @@ def num(v, digits=2):
 
 
 models = data["models"]
-print(f"Zoo measured: {sum(not m['backdoored'] for m in models.values())} clean, "
-      f"{sum(m['backdoored'] for m in models.values())} backdoored ({', '.join(sorted(models))}); "
+clean = sorted(n for n, m in models.items() if not m["backdoored"])
+backdoored = sorted(n for n, m in models.items() if m["backdoored"])
+print(f"Zoo measured: {len(clean)} clean ({', '.join(clean)}), {len(backdoored)} backdoored ({', '.join(backdoored)}); "
       f"{data['config']['count']} samples per attack-success measurement.\n")
 print("| detector | AUROC (all) | fit A → apply B: acc / AUROC | fit B → apply A: acc / AUROC | scan s/model |")
 print("|---|---|---|---|---|")
