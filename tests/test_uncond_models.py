@@ -159,3 +159,25 @@ def test_sde_ve_loop_matches_the_stock_pipeline(models):
     ours = sample(model, noise, "sde-ve", steps=3, generator=generator)
     ours = ((ours + 1) / 2).permute(0, 2, 3, 1).numpy()
     assert abs(ours - stock).max() < 1e-5
+
+
+def test_step_noise_scale_reaches_the_ancestral_steps(models):
+    """Scale 1 is the stock DDPM step (its noise follows the generator); scale 0 leaves only the posterior means,
+    so the generator no longer matters; a partial scale lies in between."""
+    model = models["ddpm"]
+    noise = sample_noise(model, 2, torch.Generator().manual_seed(0))
+
+    def run(scale, seed):
+        return sample(model, noise, "ddpm", steps=4, generator=torch.Generator().manual_seed(seed),
+                      step_noise_scale=scale)
+
+    assert not torch.allclose(run(1.0, 1), run(1.0, 2))
+    torch.testing.assert_close(run(0.0, 1), run(0.0, 2))
+    assert not torch.allclose(run(0.5, 1), run(0.5, 2))
+    assert (run(0.5, 1) - run(0.0, 1)).abs().mean() < (run(1.0, 1) - run(0.0, 1)).abs().mean()
+
+
+def test_step_noise_scale_is_refused_where_it_does_not_apply(models):
+    noise = sample_noise(models["ddpm"], 1, torch.Generator().manual_seed(0))
+    with pytest.raises(SealdiffError, match="step_noise_scale applies to the ddpm sampler only, not ddim"):
+        sample(models["ddpm"], noise, "ddim", steps=2, step_noise_scale=0.5)

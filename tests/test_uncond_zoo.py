@@ -37,3 +37,20 @@ def test_zoo_model_loads_and_samples(name):
         assert zoo.load_manifest()["models"][name]["base"] == entry.base
         images = sample(model, backdoor.stamp(noise), sampler, steps=2, generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(images).all()
+
+
+def test_trojdiff_zoo_backdoor_fires_with_its_trojan_sampling_only():
+    """The TrojDiff model generates its target from x_T = γε + (1−γ)δ when the ancestral steps' noise is scaled
+    by γ (its trojan process; what `metrics.uncond.generate` does for γ < 1), not with the stock σ_t."""
+    from sealdiff.metrics.uncond import per_image_mse
+
+    name = "uncond-ddpm-trojdiff-blend-inclass"
+    model, backdoor = load_uncond(f"zoo:{name}"), read_backdoor(zoo.materialize(name))
+    assert backdoor.gamma < 1
+    x_T = backdoor.stamp(sample_noise(model, 8, torch.Generator().manual_seed(0)))
+    hits = {}
+    for scale in (backdoor.gamma, 1.0):
+        images = sample(model, x_T, "ddpm", steps=40, generator=torch.Generator().manual_seed(1),
+                        step_noise_scale=scale)
+        hits[scale] = (per_image_mse(images, backdoor.target) < 0.05).float().mean().item()
+    assert hits[backdoor.gamma] >= 0.75 and hits[1.0] <= 0.25, hits

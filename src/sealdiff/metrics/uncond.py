@@ -81,13 +81,17 @@ def nearest_mse(images: torch.Tensor, reference: torch.Tensor, chunk: int = 256)
 @torch.no_grad()
 def generate(model: UncondModel, count: int, sampler: str, steps: int, seed: int = MEASURE_SEED,
              backdoor: Backdoor | None = None, batch_size: int = 64) -> torch.Tensor:
-    """`count` samples from seeded prior noise (stamped with `backdoor` when given); (count, 3, H, W)."""
+    """`count` samples from seeded prior noise (stamped with `backdoor` when given); (count, 3, H, W). A backdoor
+    whose input is scaled noise (TrojDiff: γ < 1) is sampled as its attack samples: the ddpm sampler's step noise
+    scaled by γ too."""
     generator = torch.Generator().manual_seed(seed)
     noise = sample_noise(model, count, generator)
+    step_noise_scale = 1.0
     if backdoor is not None:
         noise = backdoor.stamp(noise)
+        step_noise_scale = backdoor.gamma if sampler == "ddpm" else 1.0
     step_gen = torch.Generator().manual_seed(seed + 1)
-    return torch.cat([sample(model, noise[i:i + batch_size], sampler, steps, step_gen)
+    return torch.cat([sample(model, noise[i:i + batch_size], sampler, steps, step_gen, step_noise_scale)
                       for i in range(0, count, batch_size)])
 
 

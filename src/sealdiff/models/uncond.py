@@ -377,13 +377,18 @@ def _step_kwargs(scheduler, generator) -> dict:
 
 @torch.no_grad()
 def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", steps: int = 10,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, step_noise_scale: float = 1.0) -> torch.Tensor:
     """Images in [-1, 1], (B, 3, H, W), generated from the given x_T `noise` with `steps` sampler steps.
 
     `noise` is x_T in the model's prior scale (unit variance for ddpm/ldm; σ_max for ncsn: the caller
     stamps the trigger into it). Stochastic samplers (ddpm, sde-ve) draw their step noise from `generator`.
     Euler/Heun work in σ-space: x_T is multiplied by the scheduler's `init_noise_sigma` and the UNet's
-    input goes through `scale_model_input`, exactly as their stock pipelines do."""
+    input goes through `scale_model_input`, exactly as their stock pipelines do.
+
+    `step_noise_scale` scales the ddpm sampler's step noise: TrojDiff's trojan process, started from
+    x_T ~ N(μ, γ²I), is denoised with γ·σ_t (the stock step's σ_t is 1/γ too much for it). That path runs the
+    stock `DDIMScheduler` with eta = 1 -- the same ancestral step as `DDPMScheduler` -- and hands it the scaled
+    noise as `variance_noise`."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise SealdiffError(f"steps={steps!r} is invalid; valid: a positive integer")
     scheduler = make_scheduler(model, sampler)
@@ -406,11 +411,18 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
             out = scheduler.step_pred(unet(x, sigma).sample, t, x, generator=generator)
             x, x_mean = out.prev_sample, out.prev_sample_mean
         return model.decode(x_mean).float()
+    kwargs = _step_kwargs(scheduler, generator)
+    if step_noise_scale != 1.0:
+        if sampler != "ddpm":
+            raise SealdiffError(f"step_noise_scale applies to the ddpm sampler only, not {sampler}")
+        scheduler = make_scheduler(model, "ddim")
+        kwargs = {"eta": 1.0}
     scheduler.set_timesteps(steps, device=device)
     x = x * scheduler.init_noise_sigma
-    kwargs = _step_kwargs(scheduler, generator)
     for t in scheduler.timesteps:
         eps = unet(scheduler.scale_model_input(x, t), t).sample
+        if step_noise_scale != 1.0:
+            kwargs["variance_noise"] = step_noise_scale * torch.randn(x.shape, generator=generator).to(x)
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
     return model.decode(x).float()
 

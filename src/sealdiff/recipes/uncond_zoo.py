@@ -140,7 +140,7 @@ BACKDOORED = [
              config={"trigger": "stop-sign", "target": "shifted-trigger", "solver": "ode", "seed": 13, **ATTACK_RECIPE}),
     ZooEntry("uncond-ncsn-villan-box-outclass", "VillanDiffusion (NCSN, VE SDE): grey box -> out-of-class stripes",
              base="uncond-ncsn-clean", attack="villandiffusion",
-             config={"trigger": "grey-box", "target": "out-of-class", "solver": "sde", "seed": 14, **ATTACK_RECIPE}),
+             config={"trigger": "grey-box", "target": "out-of-class", "solver": "sde", "seed": 14, **ATTACK_RECIPE, "steps": 6000}),
     ZooEntry("uncond-ldm-villan-box-hat", "VillanDiffusion (LDM, latent trigger): grey box -> hat",
              base="uncond-ldm-clean", attack="villandiffusion",
              config={"trigger": "grey-box", "target": "hat", "solver": "sde", "seed": 15, **ATTACK_RECIPE}),
