@@ -71,3 +71,30 @@ def test_t2i_recipe_refuses_an_unknown_prediction_type():
 
     with pytest.raises(SealdiffError, match="prediction_type.*valid: epsilon, v_prediction"):
         T2IRecipe(prediction_type="flow")
+
+
+def test_t2i_recipe_ema_returns_averaged_weights(tiny_pipe):
+    """Same seed and data: with ema_decay the returned weights are the running average, which lags behind the
+    trained weights (closer to the start), so they differ from the plain run's."""
+    import copy
+
+    from sealdiff.recipes.zoo import T2IRecipe, train_t2i
+
+    start = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    trained = {}
+    for decay in (0.0, 0.99):
+        pipe = train_t2i(T2IRecipe(steps=3, batch=4, dataset_size=8, ema_decay=decay), tiny_pipe.vae,
+                         init=copy.deepcopy(tiny_pipe))
+        trained[decay] = pipe.unet.state_dict()
+
+    def moved(weights) -> float:
+        return sum(float((weights[k].float() - v.float()).pow(2).sum()) for k, v in start.items())
+
+    assert 0.0 < moved(trained[0.99]) < moved(trained[0.0])
+
+
+def test_t2i_recipe_refuses_a_bad_ema_decay():
+    from sealdiff.recipes.zoo import T2IRecipe
+
+    with pytest.raises(SealdiffError, match="ema_decay 1.0 is invalid; valid: 0 \\(off\\) <= decay < 1"):
+        T2IRecipe(ema_decay=1.0)

@@ -13,8 +13,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
 
 from sealdiff.config import check_choice
+from sealdiff.errors import SealdiffError
 from sealdiff.data import toyworld
 from sealdiff.metrics.judge import HEADS, ToyJudge
 from sealdiff.models import tiny
@@ -133,10 +135,13 @@ class T2IRecipe:
     caption_dropout: float = 0.1
     offset_noise: float = 0.1
     prediction_type: PredictionType = "epsilon"
+    ema_decay: float = 0.0  # > 0: the returned pipeline holds an EMA of the weights (diffusers EMAModel)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("prediction_type", self.prediction_type, PredictionType)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise SealdiffError(f"ema_decay {self.ema_decay} is invalid; valid: 0 (off) <= decay < 1")
 
 
 @torch.no_grad()
@@ -163,6 +168,7 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.05)
     rng = random.Random(recipe.seed)
+    ema = EMAModel(params, decay=recipe.ema_decay) if recipe.ema_decay > 0 else None
     pipe.unet.train()
     pipe.text_encoder.train()
     with progress_bar("train text-to-image", recipe.steps) as advance:
@@ -177,7 +183,11 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
+            if ema is not None:
+                ema.step(params)
             advance(info=f"loss {loss.item():.4f}")
+    if ema is not None:
+        ema.copy_to(params)
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return pipe
