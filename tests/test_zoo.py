@@ -98,3 +98,20 @@ def test_t2i_recipe_refuses_a_bad_ema_decay():
 
     with pytest.raises(SealdiffError, match="ema_decay 1.0 is invalid; valid: 0 \\(off\\) <= decay < 1"):
         T2IRecipe(ema_decay=1.0)
+
+
+def test_vpred_zoo_model_draws_the_shapes_it_is_told():
+    """The v-prediction + EMA continuation (86 % shape accuracy on 64 held-out captions, 87 % on 200) against the
+    epsilon model it continues (33 %): on the first 16 held-out captions it draws 13 right, the old model 6."""
+    from sealdiff.data import toyworld
+    from sealdiff.metrics.generate import generate
+    from sealdiff.metrics.judge import ToyJudge
+    from sealdiff.metrics.judges import attribute_accuracy
+
+    judge = ToyJudge.load(zoo.materialize("toy-judge"))
+    captions = toyworld.eval_captions(16)
+    pipe = load_t2i("zoo:t2i-clean-vpred").to(torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.set_progress_bar_config(disable=True)
+    accuracy = attribute_accuracy(judge, generate(pipe, captions, list(range(1234, 1250))), captions)
+    assert accuracy["shape"] >= 0.75 and accuracy["fg"] == accuracy["bg"] == 1.0
