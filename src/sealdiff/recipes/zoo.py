@@ -16,8 +16,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 
 from sealdiff.config import check_choice
-from sealdiff.errors import SealdiffError
 from sealdiff.data import toyworld
+from sealdiff.errors import SealdiffError
 from sealdiff.metrics.judge import HEADS, ToyJudge
 from sealdiff.models import tiny
 from sealdiff.training import encode_prompts, noisy_latents, prediction_target, progress_bar
