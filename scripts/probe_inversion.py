@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from sealdiff.cli.remove_uncond import attack_sampler
 from sealdiff.detection import get_detector, load_for_scan
 from sealdiff.detection import common as C
-from sealdiff.detection.diffcleanse import bbti_loss
-from sealdiff.detection.elijah import elijah_loss
+from sealdiff.detection.diffcleanse import DiffCleanseConfig, bbti_loss
+from sealdiff.detection.elijah import ElijahConfig, elijah_loss
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 from sealdiff.models import zoo
@@ -36,11 +36,13 @@ torch.set_num_threads(args.threads)
 
 
 def objectives(model, trigger: torch.Tensor, noise: torch.Tensor, stochastic: bool) -> dict[str, float]:
-    """Both inversions' objectives at `trigger` (x_T units) on the fixed `noise` batch."""
+    """Both inversions' objectives (their default configs) at `trigger` (x_T units) on the fixed `noise` batch."""
     s = C.noise_scale(model)
+    elijah_cfg, bbti_cfg = ElijahConfig(), DiffCleanseConfig()
     with torch.no_grad():
-        elijah = elijah_loss(model, model.unet, noise, (trigger / s).unsqueeze(0), 0.5)
-        bbti = bbti_loss(model, model.unet, noise[:8], trigger.unsqueeze(0), 6, stochastic, torch.Generator().manual_seed(1))
+        elijah = elijah_loss(model, model.unet, noise, (trigger / s).unsqueeze(0), elijah_cfg.lam)
+        bbti = bbti_loss(model, model.unet, noise[:bbti_cfg.batch], trigger.unsqueeze(0), bbti_cfg.grad_steps, stochastic,
+                         torch.Generator().manual_seed(1))
     return {"elijah_loss": float(elijah), "bbti_loss": float(bbti)}
 
 
