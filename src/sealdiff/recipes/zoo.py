@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -137,6 +137,7 @@ class T2IRecipe:
     prediction_type: PredictionType = "epsilon"
     ema_decay: float = 0.0  # > 0: the returned pipeline holds an EMA of the weights (diffusers EMAModel)
     seed: int = 0
+    data_seed: int | None = None  # seed of the training scenes; None: seed + 100
 
     def __post_init__(self) -> None:
         check_choice("prediction_type", self.prediction_type, PredictionType)
@@ -159,7 +160,8 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
     generator = torch.Generator().manual_seed(recipe.seed)
     pipe = init.to(torch.float32) if init is not None else tiny.pipeline(spec, seed=recipe.seed)
     pipe.vae = vae
-    data = toyworld.scenes(recipe.seed + 100, recipe.dataset_size, recipe.grayscale_prob)
+    data_seed = recipe.seed + 100 if recipe.data_seed is None else recipe.data_seed
+    data = toyworld.scenes(data_seed, recipe.dataset_size, recipe.grayscale_prob)
     latents = encode_images(vae, torch.stack([toyworld.render(s) for s in data]))
     captions = [s.caption for s in data]
     scheduler = DDPMScheduler.from_config(tiny.train_scheduler().config, prediction_type=recipe.prediction_type)
@@ -193,11 +195,17 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
     return pipe
 
 
+# Stage 2 of the clean model: the epsilon model of stage 1 continued with v-prediction and an EMA of the weights;
+# at the noisiest steps, where the layout is decided, an error shows in v about as large as in the image (in epsilon
+# only sqrt(SNR) of it), so the prompt's shape is learned: 33 % -> 87 % shape accuracy (README).
+CLEAN_CONTINUATION = T2IRecipe(steps=4000, lr=3e-4, prediction_type="v_prediction", ema_decay=0.999, seed=3,
+                               data_seed=303)
+
 ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B; the rest are the config's defaults)
     "t2i-badt2i-pixel": {"kind": "pixel", "steps": 3000, "lr": 1.5e-3, "lr_schedule": "cosine", "warmup_steps": 100,
                          "lam": 0.75},
     "t2i-badt2i-style": {"kind": "style", "steps": 2000, "lr": 5e-4},
-    "t2i-badt2i-object": {"kind": "object", "steps": 700, "lr": 2e-4},
+    "t2i-badt2i-object": {"kind": "object", "steps": 1500, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 50},
 }
 
 
@@ -218,8 +226,11 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
         if "base" in stages:
             train_judge(JudgeRecipe(steps=steps(1500))).save(root / "toy-judge")
             vae = train_vae(VaeRecipe(lr=2e-3, steps=steps(800)))
-            recipe = T2IRecipe(steps=steps(4000), dataset_size=max(256, int(30_000 * min(1.0, scale * 10))))
-            pipe = train_t2i(recipe, vae)
+            dataset_size = max(256, int(30_000 * min(1.0, scale * 10)))
+            pipe = train_t2i(T2IRecipe(steps=steps(4000), dataset_size=dataset_size), vae)
+            # the continuation starts from the fp16 weights, as the committed model did
+            pipe = train_t2i(replace(CLEAN_CONTINUATION, steps=steps(CLEAN_CONTINUATION.steps), dataset_size=dataset_size),
+                             vae, init=pipe.to(torch.float16))
             pipe.to(torch.float16).save_pretrained(Path(tmp) / "clean", safe_serialization=True)
             zoo_models.add_model("t2i-clean", Path(tmp) / "clean", root=root,
                                  description="tiny SD-architecture model trained on the toy world (clean)")
