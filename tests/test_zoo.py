@@ -93,6 +93,21 @@ def test_t2i_recipe_ema_returns_averaged_weights(tiny_pipe):
     assert 0.0 < moved(trained[0.99]) < moved(trained[0.0])
 
 
+def test_t2i_recipe_data_seed_picks_the_training_scenes(tiny_pipe):
+    """data_seed None means seed + 100; another data seed trains on other scenes, so other weights."""
+    import copy
+
+    from sealdiff.recipes.zoo import T2IRecipe, train_t2i
+
+    def trained(**fields):
+        recipe = T2IRecipe(steps=1, batch=4, dataset_size=8, **fields)
+        return train_t2i(recipe, tiny_pipe.vae, init=copy.deepcopy(tiny_pipe)).unet.state_dict()
+
+    default, explicit, other = trained(), trained(data_seed=100), trained(data_seed=7)
+    assert all(torch.equal(v, explicit[k]) for k, v in default.items())
+    assert any(not torch.equal(v, other[k]) for k, v in default.items())
+
+
 def test_t2i_recipe_refuses_a_bad_ema_decay():
     from sealdiff.recipes.zoo import T2IRecipe
 

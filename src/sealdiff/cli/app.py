@@ -88,7 +88,7 @@ def zoo_build(
     scale: float = typer.Option(1.0, help="multiply every step count (0.01 for a smoke run)"),
     stage: list[str] = typer.Option(["base", "attacks"], help="base (judge, VAE, clean model) and/or attacks"),
 ) -> None:
-    """Train the text-to-image zoo from scratch with sealdiff's recipes (about an hour on 2 CPU cores)."""
+    """Train the text-to-image zoo from scratch with sealdiff's recipes (roughly 4 hours on 2 CPU cores)."""
     from sealdiff.recipes.zoo import build_t2i_zoo
 
     bad = set(stage) - {"base", "attacks"}
