@@ -40,9 +40,9 @@ rows = {}
 for method in args.methods:
     defense, detector = UNCOND_METHODS[method]
     inverted = get_detector(detector).make(progress=False).scan(model).trigger
+    spec = get_defense(defense)
     for label, trigger in (("inverted", inverted), ("zero", torch.zeros_like(inverted)), ("true", backdoor.trigger)):
         repaired = copy.deepcopy(model)
-        spec = get_defense(defense)
         spec.runner(spec.make_config(progress=False)).apply(repaired, trigger.float())
         agree = metrics.agreement(metrics.generate(repaired, args.count, sampler, steps), original)
         rows[f"{method} / {label} trigger"] = {
