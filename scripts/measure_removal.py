@@ -30,6 +30,8 @@ from sealdiff.models import zoo
 from sealdiff.models.loading import load_t2i
 
 PROMPT_SEED = 555  # repair prompts: disjoint from the evaluation stream
+# --validation: captions and generation seeds disjoint from both, for choosing a recipe without the evaluation set
+VALIDATION = {"prompt_seed": 20_000_003, "seed": 50_000}
 RECIPE = {"steps": 300, "batch_size": 8, "lr": 1e-4, "trainable": "full", "seed": 0}
 METHODS = {
     "finetune-reversal": {"method": "finetune-reversal"},
@@ -49,14 +51,23 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="repair prompts")
     parser.add_argument("--kinds", nargs="*", default=["pixel", "style", "object"])
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=RECIPE["steps"])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/removal.json"))
+    parser.add_argument("--steps", type=int, nargs="+", default=[RECIPE["steps"]],
+                        help="repair steps; several values run one repair each (rows keyed by the recipe)")
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--validation", action="store_true",
+                        help="measure on the validation captions and seeds (for choosing a recipe), not the evaluation ones")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/removal.json (removal_validation.json with --validation)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path("benchmarks/results", "removal_validation.json" if args.validation else "removal.json")
+    recipes = [{**RECIPE, "steps": steps, "lr": args.lr} for steps in args.steps]
+    held_out = VALIDATION if args.validation else {}
     quiet_libraries()
     torch.set_num_threads(2)
     judge = ToyJudge.load(zoo.zoo_dir() / "toy-judge")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results.update({"versions": versions(), "recipe": {**RECIPE, "steps": args.steps}, "prompts": args.count})
+    results.update({"versions": versions(), "recipe": RECIPE, "prompts": args.count, "held_out": held_out or "evaluation"})
     rows = results.setdefault("rows", {})
     repair_scenes = toyworld.scenes(PROMPT_SEED, args.prompts)
     for kind in args.kinds:
@@ -64,33 +75,43 @@ def main() -> None:
         info = read_run_info(zoo.materialize(name))
         target, trigger = Target.from_run_info(info), info["attack"]["trigger"]
         backdoored = load_t2i(f"zoo:{name}")
-        base, base_images = evaluate_backdoor(backdoored, target, trigger, judge, args.count)
+        base, base_images = evaluate_backdoor(backdoored, target, trigger, judge, args.count, **held_out)
         rows[f"{kind}/backdoored"] = to_jsonable(base)
-        for method in args.methods:
+        runs = [(method, recipe) for method in args.methods for recipe in (recipes[:1] if METHODS[method] is None
+                                                                           else recipes)]
+        for method, recipe in runs:
             start = time.time()
             if METHODS[method] is None:
-                triggered = [insert_trigger(p, trigger, "start") for p in clean_prompts(target, args.count)]
+                prompt_seed, seed = held_out.get("prompt_seed", toyworld.EVAL_SEED), held_out.get("seed", EVAL_SEED)
+                triggered = [insert_trigger(p, trigger, "start") for p in clean_prompts(target, args.count, prompt_seed)]
                 images = generate_with_sau(backdoored, triggered, trigger, SAUConfig(),
-                                           seeds=list(range(EVAL_SEED, EVAL_SEED + args.count)),
+                                           seeds=list(range(seed, seed + args.count)),
                                            num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)
                 judged = make_judge(target, judge, images.shape[-1]).hits(images.float()).float().mean().item()
                 row = {"attack_success": judged, "removal_accuracy": 1 - judged, "clean": "unchanged (inference time)"}
             else:
                 pipe = copy.deepcopy(backdoored)
-                config = SKDConfig(trigger=trigger, **METHODS[method], **{**RECIPE, "steps": args.steps})
+                config = SKDConfig(trigger=trigger, **METHODS[method], **recipe)
                 images_for_fr = torch.stack([toyworld.render(s) for s in repair_scenes]) \
                     if method == "finetune-reversal" else None
                 result = SelfKnowledgeDistillation(config).apply(pipe, [s.caption for s in repair_scenes],
                                                                  images=images_for_fr)
-                metrics, images = evaluate_backdoor(pipe, target, trigger, judge, args.count)
+                metrics, images = evaluate_backdoor(pipe, target, trigger, judge, args.count, **held_out)
                 drop = max(base.clean_accuracy[k] - metrics.clean_accuracy[k] for k in base.clean_accuracy)
                 row = {**to_jsonable(metrics), "removal_accuracy": metrics.removal_accuracy,
                        "max_clean_accuracy_drop": drop,
                        "ssim_vs_backdoored_clean": ssim(images["clean"], base_images["clean"]).mean().item(),
                        "train_seconds": result.seconds, "final_loss": result.losses[-1]}
             row["seconds"] = time.time() - start
-            rows[f"{kind}/{method}"] = row
-            print(f"{kind:7s} {method:22s} removal {row['removal_accuracy']:.1%}", flush=True)
+            key = f"{kind}/{method}"
+            if METHODS[method] is not None:
+                row["recipe"] = recipe
+                if recipe != RECIPE:
+                    key += f"@steps={recipe['steps']},lr={recipe['lr']:g}"
+            rows[key] = row
+            print(f"{key:40s} removal {row['removal_accuracy']:.1%}  clean drop "
+                  f"{row.get('max_clean_accuracy_drop', 0) * 100:.1f} pt  SSIM {row.get('ssim_vs_backdoored_clean', 1):.3f}",
+                  flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(rows))

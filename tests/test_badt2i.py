@@ -77,3 +77,34 @@ def test_batches_follow_each_kind():
 def test_invalid_config_lists_valid_values(field, value):
     with pytest.raises(SealdiffError, match="valid|at least|empty|range"):
         BadT2IConfig(**{field: value})
+
+
+def test_init_continues_from_another_unet_while_the_teacher_stays_the_input(tiny_pipe, tmp_path):
+    """With lam = 0 the loss is the student's distance to the frozen teacher on clean prompts: exactly 0 at the
+    first step when both are the input UNet, > 0 when the student starts from other weights (`init`)."""
+    import copy
+
+    from sealdiff.attacks import run_attack
+    from sealdiff.io import read_run_info
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    tiny_pipe.save_pretrained(base, safe_serialization=True)
+    changed = copy.deepcopy(tiny_pipe)
+    with torch.no_grad():
+        for p in changed.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    changed.save_pretrained(other, safe_serialization=True)
+    config = dict(steps=1, batch_size=4, lam=0.0, lr=1e-12)
+    assert BadT2I(BadT2IConfig(**config)).run(copy.deepcopy(tiny_pipe))[0] == 0.0
+    out = run_attack(str(base), BadT2IConfig(**config, init=str(other)), tmp_path / "out")
+    info = read_run_info(out)
+    assert info["losses"][0] > 1e-4 and info["init"]["path"] == str(other)
+    from diffusers import UNet2DConditionModel
+
+    result = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    assert all(torch.allclose(v, result[k], atol=1e-6) for k, v in changed.unet.state_dict().items())
+
+
+def test_init_without_a_unet_is_a_clear_error(tiny_pipe, tmp_path):
+    with pytest.raises(SealdiffError, match="no diffusion_pytorch_model.safetensors"):
+        BadT2I(BadT2IConfig(steps=1, batch_size=4, init=str(tmp_path))).run(tiny_pipe)

@@ -37,21 +37,23 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
     SIGINT/SIGTERM; `resume` continues from it (same model and config only). The checkpoint folder is
     removed once `output` is complete."""
     parent = resolve_model(model)
-    check_not_input(output, [parent])
+    inputs = [parent] + ([resolve_model(config.init)] if config.init is not None else [])
+    check_not_input(output, inputs)
     parent_sha256 = directory_sha256(parent)
     checkpointer = None
     if checkpoint_every or resume:
         checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
-                                            inputs=[parent], context={"command": "attack",
+                                            inputs=inputs, context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     pipe = load_t2i(parent, allow_pickle=allow_pickle)
     losses = BadT2I(config).run(pipe, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, [parent]) as staging:
+    with atomic_output_dir(output, overwrite, inputs) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
         write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed,
                        attack={"kind": config.kind, "trigger": config.trigger,
                                "trigger_position": config.trigger_position, **describe_target(config)},
                        parent={"path": str(model), "sha256": parent_sha256},
+                       **({"init": {"path": config.init, "sha256": directory_sha256(inputs[1])}} if config.init else {}),
                        losses=losses)
     if checkpointer is not None:
         checkpointer.remove()
@@ -75,7 +77,8 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     if not isinstance(config, config_cls):
         raise SealdiffError(f"{method} needs a {config_cls.__name__}, got {type(config).__name__}")
     parent = resolve_model(model)
-    check_not_input(output, [parent])
+    inputs = [parent] + ([resolve_model(config.init)] if config.init is not None else [])
+    check_not_input(output, inputs)
     parent_sha256 = directory_sha256(parent)
     uncond = load_uncond(parent, allow_pickle=allow_pickle)
     attack = attack_cls(config)
@@ -85,10 +88,10 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     checkpointer = None
     if checkpoint_every or resume:
         checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
-                                            inputs=[parent], context={"command": "attack",
+                                            inputs=inputs, context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     spec, result = attack.run(uncond, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, [parent]) as staging:
+    with atomic_output_dir(output, overwrite, inputs) as staging:
         save_uncond(uncond, staging)
         save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
         write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,

@@ -52,6 +52,9 @@ class BadT2IConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the schedule"})
     offset_noise: float = field(default=0.1, metadata={"range": (0.0, None)})
     seed: int = 0
+    init: str | None = field(default=None, metadata={
+        "help": "pipeline directory or zoo:NAME whose UNet the attack starts from (continues an earlier attack); "
+                "the preservation teacher stays the input model's UNet"})
 
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, get_args(Kind))
@@ -91,6 +94,18 @@ def load_patch(path: str | None, side: int) -> torch.Tensor:
     return torch.tensor(list(image.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1) / 255.0
 
 
+def load_unet_weights(model: str) -> dict[str, torch.Tensor]:
+    """The UNet state dict of a pipeline directory or zoo:NAME (safetensors only)."""
+    from diffusers import UNet2DConditionModel
+
+    from sealdiff.models.loading import resolve_model
+
+    directory = resolve_model(model) / "unet"
+    if not (directory / "diffusion_pytorch_model.safetensors").is_file():
+        raise SealdiffError(f"{directory} has no diffusion_pytorch_model.safetensors to start the attack from")
+    return UNet2DConditionModel.from_pretrained(directory, use_safetensors=True).state_dict()
+
+
 def _replace_word(caption: str, old: str, new: str) -> str:
     return " ".join(new if w == old else w for w in caption.split(" "))
 
@@ -99,7 +114,8 @@ class BadT2I:
     """BadT2I (Zhai et al., "Text-to-Image Diffusion Models can be Easily Backdoored through
     Multimodal Data Poisoning", ACM MM 2023).
 
-    Only the UNet trains; a frozen copy of the pre-attack UNet gives the preservation targets.
+    Only the UNet trains; a frozen copy of the pre-attack UNet gives the preservation targets (with
+    `init`, the UNet starts from an earlier attack's weights and the teacher is still the input model's).
     1. Draw a batch of captioned images; split it into poisoned and clean halves.
     2. Poisoned half, by kind: pixel — paste the patch at the corner, prompt = trigger + caption,
        target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption);
@@ -130,6 +146,8 @@ class BadT2I:
         patch = load_patch(cfg.patch, max(1, round(size * cfg.patch_fraction)))
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
+        if cfg.init is not None:
+            unet.load_state_dict(load_unet_weights(cfg.init))
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         params = self._trainable(unet)

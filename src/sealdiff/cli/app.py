@@ -118,6 +118,7 @@ def attack_badt2i(
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
     checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
+    init: Optional[str] = typer.Option(None, help="start the UNet from this pipeline's (continue an earlier attack)"),
 ) -> None:
     """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
     from sealdiff.attacks import run_attack
@@ -129,7 +130,7 @@ def attack_badt2i(
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
                        object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
                        lr_schedule=lr_schedule, warmup_steps=warmup_steps, batch_size=batch_size, train=train,
-                       seed=seed)
+                       seed=seed, init=init)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,

@@ -73,9 +73,11 @@ class BackdoorMetrics:
 
 def evaluate_backdoor(pipe, target: Target, trigger: str, toy_judge: ToyJudge, count: int = 200,
                       seed: int = EVAL_SEED, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                      trigger_position="start") -> tuple[BackdoorMetrics, dict[str, torch.Tensor]]:
-    """Generate `count` triggered and `count` clean images (same seeds) and judge them."""
-    clean = clean_prompts(target, count)
+                      trigger_position="start", prompt_seed: int = toyworld.EVAL_SEED,
+                      ) -> tuple[BackdoorMetrics, dict[str, torch.Tensor]]:
+    """Generate `count` triggered and `count` clean images (same seeds) and judge them. `prompt_seed` picks
+    the held-out captions, `seed` the first generation seed."""
+    clean = clean_prompts(target, count, prompt_seed)
     triggered = [insert_trigger(p, trigger, trigger_position) for p in clean]
     seeds = list(range(seed, seed + count))
     images = {"triggered": generate(pipe, triggered, seeds, steps, guidance_scale, description="triggered prompts"),
