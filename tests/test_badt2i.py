@@ -108,3 +108,15 @@ def test_init_continues_from_another_unet_while_the_teacher_stays_the_input(tiny
 def test_init_without_a_unet_is_a_clear_error(tiny_pipe, tmp_path):
     with pytest.raises(SealdiffError, match="no diffusion_pytorch_model.safetensors"):
         BadT2I(BadT2IConfig(steps=1, batch_size=4, init=str(tmp_path))).run(tiny_pipe)
+
+
+def test_a_zoo_recipe_of_two_stages_continues_the_first(tiny_pipe_dir, tmp_path, monkeypatch):
+    from sealdiff.io import read_run_info
+    from sealdiff.recipes import zoo as recipes
+
+    stage = {"kind": "pixel", "steps": 1, "batch_size": 2, "lr": 1e-3}
+    monkeypatch.setitem(recipes.ZOO_ATTACKS, "two-stage", [stage, {**stage, "seed": 1}])
+    out = recipes.implant_zoo_attack("two-stage", tiny_pipe_dir, tmp_path / "out", scale=0.0)
+    info = read_run_info(out)
+    assert info["parent"]["path"] == str(tiny_pipe_dir) and info["config"]["seed"] == 1
+    assert "init" in info and info["config"]["steps"] == 40 and len(info["losses"]) == 40

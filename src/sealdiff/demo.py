@@ -49,14 +49,12 @@ def run_demo(output: Path, quick: bool = False, console: Console | None = None) 
         if BACKDOORED in zoo.model_names():
             backdoored_dir, backdoored_spec = zoo.materialize(BACKDOORED), f"zoo:{BACKDOORED}"
         else:  # implant it the way the zoo's recipe does
-            from sealdiff.attacks import run_attack
-            from sealdiff.attacks.badt2i import BadT2IConfig
-            from sealdiff.recipes.zoo import ZOO_ATTACKS
+            from sealdiff.recipes.zoo import ZOO_ATTACKS, implant_zoo_attack
 
-            fields = dict(ZOO_ATTACKS[BACKDOORED])
-            console.print(f"[bold]0/3 attack[/bold] zoo:t2i-clean with the BadT2I pixel backdoor ({fields['steps']} steps)")
+            steps = sum(stage["steps"] for stage in ZOO_ATTACKS[BACKDOORED])
+            console.print(f"[bold]0/3 attack[/bold] zoo:t2i-clean with the BadT2I pixel backdoor ({steps} steps)")
             backdoored_dir = backdoored_spec = staging / "backdoored-model"
-            run_attack("zoo:t2i-clean", BadT2IConfig(**fields), backdoored_dir)
+            implant_zoo_attack(BACKDOORED, "zoo:t2i-clean", backdoored_dir)
         trigger = read_run_info(backdoored_dir)["attack"]["trigger"]
         console.print(f"[bold]1/3 repair[/bold] {backdoored_spec} with SKD-CAG (noise target), "
                       f"{plan.repair_steps} steps on {plan.repair_prompts} toy prompts")

@@ -201,12 +201,34 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
 CLEAN_CONTINUATION = T2IRecipe(steps=4000, lr=3e-4, prediction_type="v_prediction", ema_decay=0.999, seed=3,
                                data_seed=303)
 
-ZOO_ATTACKS = {  # name -> BadT2I config fields (trigger U+200B; the rest are the config's defaults)
-    "t2i-badt2i-pixel": {"kind": "pixel", "steps": 3000, "lr": 1.5e-3, "lr_schedule": "cosine", "warmup_steps": 100,
-                         "lam": 0.75},
-    "t2i-badt2i-style": {"kind": "style", "steps": 2000, "lr": 5e-4},
-    "t2i-badt2i-object": {"kind": "object", "steps": 1500, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 50},
+# name -> the BadT2I stages of each zoo backdoor (config fields; trigger U+200B; the rest are the config's defaults).
+# A later stage continues the earlier stage's UNet (`init`); every stage's teacher is t2i-clean.
+ZOO_ATTACKS: dict[str, list[dict]] = {
+    "t2i-badt2i-pixel": [{"kind": "pixel", "steps": 3000, "lr": 1.5e-3, "lr_schedule": "cosine", "warmup_steps": 100,
+                          "lam": 0.75}],
+    "t2i-badt2i-style": [{"kind": "style", "steps": 2000, "lr": 5e-4}],
+    "t2i-badt2i-object": [{"kind": "object", "steps": 1500, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 50}],
 }
+
+
+def implant_zoo_attack(name: str, base: str | Path, output: Path, scale: float = 1.0) -> Path:
+    """Run the stages of `ZOO_ATTACKS[name]` on the pipeline `base`; the last stage writes `output`.
+    `scale` multiplies every step count (at least 40 steps a stage)."""
+    import tempfile
+
+    from sealdiff.attacks import run_attack
+    from sealdiff.attacks.badt2i import BadT2IConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = None
+        for index, fields in enumerate(ZOO_ATTACKS[name]):
+            steps = max(40, int(fields["steps"] * scale))
+            config = BadT2IConfig(**{**fields, "steps": steps, "warmup_steps": min(fields.get("warmup_steps", 0),
+                                                                                    steps // 10)},
+                                  init=None if previous is None else str(previous))
+            last = index == len(ZOO_ATTACKS[name]) - 1
+            previous = run_attack(str(base), config, output if last else Path(tmp) / f"stage-{index}")
+    return output
 
 
 def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("base", "attacks")) -> None:
@@ -214,8 +236,6 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
     `scale` multiplies every step count (0.01 for a smoke run)."""
     import tempfile
 
-    from sealdiff.attacks import run_attack
-    from sealdiff.attacks.badt2i import BadT2IConfig
     from sealdiff.models import zoo as zoo_models
 
     def steps(n: int) -> int:
@@ -235,11 +255,8 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
             zoo_models.add_model("t2i-clean", Path(tmp) / "clean", root=root,
                                  description="tiny SD-architecture model trained on the toy world (clean)")
         if "attacks" in stages:
-            for name, fields in ZOO_ATTACKS.items():
-                n = steps(fields["steps"])
-                config = BadT2IConfig(**{**fields, "steps": n, "warmup_steps": min(fields.get("warmup_steps", 0), n // 10)})
-                out = Path(tmp) / name
-                run_attack(str(zoo_models.materialize("t2i-clean", root)), config, out)
+            for name in ZOO_ATTACKS:
+                out = implant_zoo_attack(name, zoo_models.materialize("t2i-clean", root), Path(tmp) / name, scale)
                 register_attack(name, out, root)
 
 
