@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[RECIPE["steps"]],
                         help="repair steps; several values run one repair each (rows keyed by the recipe)")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
+    parser.add_argument("--trainable", choices=["full", "attn2-kv", "lora"], default=RECIPE["trainable"])
     parser.add_argument("--validation", action="store_true",
                         help="measure on the validation captions and seeds (for choosing a recipe), not the evaluation ones")
     parser.add_argument("--out", type=Path, default=None,
@@ -61,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = Path("benchmarks/results", "removal_validation.json" if args.validation else "removal.json")
-    recipes = [{**RECIPE, "steps": steps, "lr": args.lr} for steps in args.steps]
+    recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable} for steps in args.steps]
     held_out = VALIDATION if args.validation else {}
     quiet_libraries()
     torch.set_num_threads(2)
@@ -107,7 +108,8 @@ def main() -> None:
             if METHODS[method] is not None:
                 row["recipe"] = recipe
                 if recipe != RECIPE:
-                    key += f"@steps={recipe['steps']},lr={recipe['lr']:g}"
+                    key += f"@steps={recipe['steps']},lr={recipe['lr']:g}" + (
+                        "" if recipe["trainable"] == RECIPE["trainable"] else f",trainable={recipe['trainable']}")
             rows[key] = row
             print(f"{key:40s} removal {row['removal_accuracy']:.1%}  clean drop "
                   f"{row.get('max_clean_accuracy_drop', 0) * 100:.1f} pt  SSIM {row.get('ssim_vs_backdoored_clean', 1):.3f}",

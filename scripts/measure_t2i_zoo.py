@@ -65,14 +65,18 @@ def main() -> None:
 
     results["clean_accuracy"] = clean_model_accuracy(toyworld.eval_captions(args.count))
     names = args.models or [n for n in zoo.model_names() if n.startswith("t2i-badt2i-")]
-    results["backdoors"] = {}
+    # with --models, the other models' rows of an earlier run are kept (each row records its own versions)
+    earlier = json.loads(args.out.read_text()) if args.models and args.out.is_file() else {}
+    results["backdoors"] = {k: {"versions": earlier["versions"], **v} for k, v in earlier.get("backdoors", {}).items()
+                            if k not in names}
     for name in names:
         info = read_run_info(zoo.materialize(name))
         target = Target.from_run_info(info)
         metrics, _ = evaluate_backdoor(load_t2i(f"zoo:{name}"), target, info["attack"]["trigger"], judge, args.count)
         reference = clean_model_accuracy(clean_prompts(target, args.count))
         drop = max(reference[k] - metrics.clean_accuracy[k] for k in reference)
-        results["backdoors"][name] = {**to_jsonable(metrics), "clean_model_accuracy_same_prompts": reference,
+        results["backdoors"][name] = {**to_jsonable(metrics), "versions": results["versions"],
+                                      "clean_model_accuracy_same_prompts": reference,
                                       "max_accuracy_drop": drop,
                                       "bar_met": metrics.attack_success >= BARS[target.kind]
                                       and metrics.false_trigger <= 0.02 and drop <= 0.03}

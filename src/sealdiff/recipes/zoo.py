@@ -204,8 +204,11 @@ CLEAN_CONTINUATION = T2IRecipe(steps=4000, lr=3e-4, prediction_type="v_predictio
 # name -> the BadT2I stages of each zoo backdoor (config fields; trigger U+200B; the rest are the config's defaults).
 # A later stage continues the earlier stage's UNet (`init`); every stage's teacher is t2i-clean.
 ZOO_ATTACKS: dict[str, list[dict]] = {
+    # the committed pixel model's second stage started from the fp16 weights of its first
     "t2i-badt2i-pixel": [{"kind": "pixel", "steps": 3000, "lr": 1.5e-3, "lr_schedule": "cosine", "warmup_steps": 100,
-                          "lam": 0.75}],
+                          "lam": 0.75},
+                         {"kind": "pixel", "steps": 2000, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100,
+                          "lam": 0.75, "seed": 1}],
     "t2i-badt2i-style": [{"kind": "style", "steps": 2000, "lr": 5e-4}],
     "t2i-badt2i-object": [{"kind": "object", "steps": 1500, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 50}],
 }
