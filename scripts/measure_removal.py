@@ -123,7 +123,8 @@ def markdown_table(rows: dict) -> str:
     kinds = sorted({k.split("/")[0] for k in rows})
     lines = ["| method | " + " | ".join(f"{k} removal | {k} clean-acc drop | {k} SSIM" for k in kinds) + " |",
              "|---|" + "---|" * (3 * len(kinds))]
-    for method in ["backdoored", *METHODS]:
+    variants = sorted({k.split("/", 1)[1] for k in rows if "@" in k})  # rows of non-default recipes
+    for method in ["backdoored", *METHODS, *variants]:
         cells = []
         for kind in kinds:
             row = rows.get(f"{kind}/{method}")
