@@ -77,8 +77,7 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     if not isinstance(config, config_cls):
         raise SealdiffError(f"{method} needs a {config_cls.__name__}, got {type(config).__name__}")
     parent = resolve_model(model)
-    inputs = [parent] + ([resolve_model(config.init)] if config.init is not None else [])
-    check_not_input(output, inputs)
+    check_not_input(output, [parent])
     parent_sha256 = directory_sha256(parent)
     uncond = load_uncond(parent, allow_pickle=allow_pickle)
     attack = attack_cls(config)
@@ -88,10 +87,10 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     checkpointer = None
     if checkpoint_every or resume:
         checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
-                                            inputs=inputs, context={"command": "attack",
+                                            inputs=[parent], context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     spec, result = attack.run(uncond, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, inputs) as staging:
+    with atomic_output_dir(output, overwrite, [parent]) as staging:
         save_uncond(uncond, staging)
         save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
         write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,
