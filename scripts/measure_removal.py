@@ -111,9 +111,9 @@ def main() -> None:
                     key += f"@steps={recipe['steps']},lr={recipe['lr']:g}" + (
                         "" if recipe["trainable"] == RECIPE["trainable"] else f",trainable={recipe['trainable']}")
             rows[key] = row
-            print(f"{key:40s} removal {row['removal_accuracy']:.1%}  clean drop "
-                  f"{row.get('max_clean_accuracy_drop', 0) * 100:.1f} pt  SSIM {row.get('ssim_vs_backdoored_clean', 1):.3f}",
-                  flush=True)
+            drop, sim = row.get("max_clean_accuracy_drop"), row.get("ssim_vs_backdoored_clean")
+            print(f"{key:40s} removal {row['removal_accuracy']:.1%}"
+                  + ("" if drop is None else f"  clean drop {drop * 100:.1f} pt  SSIM {sim:.3f}"), flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(rows))
