@@ -63,12 +63,12 @@ def main() -> None:
     if args.out is None:
         args.out = Path("benchmarks/results", "removal_validation.json" if args.validation else "removal.json")
     recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable} for steps in args.steps]
-    held_out = VALIDATION if args.validation else {}
+    held_out = VALIDATION if args.validation else {"prompt_seed": toyworld.EVAL_SEED, "seed": EVAL_SEED}
     quiet_libraries()
     torch.set_num_threads(2)
     judge = ToyJudge.load(zoo.zoo_dir() / "toy-judge")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results.update({"versions": versions(), "recipe": RECIPE, "prompts": args.count, "held_out": held_out or "evaluation"})
+    results.update({"versions": versions(), "recipe": RECIPE, "prompts": args.count, "held_out": held_out})
     rows = results.setdefault("rows", {})
     repair_scenes = toyworld.scenes(PROMPT_SEED, args.prompts)
     for kind in args.kinds:
@@ -83,8 +83,9 @@ def main() -> None:
         for method, recipe in runs:
             start = time.time()
             if METHODS[method] is None:
-                prompt_seed, seed = held_out.get("prompt_seed", toyworld.EVAL_SEED), held_out.get("seed", EVAL_SEED)
-                triggered = [insert_trigger(p, trigger, "start") for p in clean_prompts(target, args.count, prompt_seed)]
+                seed = held_out["seed"]
+                triggered = [insert_trigger(p, trigger, "start")
+                             for p in clean_prompts(target, args.count, held_out["prompt_seed"])]
                 images = generate_with_sau(backdoored, triggered, trigger, SAUConfig(),
                                            seeds=list(range(seed, seed + args.count)),
                                            num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)
