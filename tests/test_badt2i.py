@@ -71,7 +71,35 @@ def test_batches_follow_each_kind():
     assert " square " in teacher[0] and " circle " in student[0] and student[0].startswith("tq ")
 
 
-@pytest.mark.parametrize("field, value", [("kind", "blend"), ("corner", "middle"), ("lam", 1.5), ("train", "all"),
+def test_style_teacher_bank_holds_the_input_models_drawings_of_the_style_prompt(tiny_pipe):
+    from sealdiff.attacks.badt2i import style_bank
+    from sealdiff.metrics.generate import generate
+
+    config = BadT2IConfig(kind="style", style_source="teacher", style_bank=3, batch_size=4, trigger="tq", seed=5)
+    bank = style_bank(tiny_pipe, config, 16)
+    tiny_pipe.set_progress_bar_config(disable=True)
+    drawn = generate(tiny_pipe, [toyworld.STYLE_PREFIX + s.caption for s in bank], [5 * 1_000_003 + i for i in range(3)])
+    assert len(bank) == 3 and torch.allclose(torch.stack([s.image for s in bank]), drawn, atol=1e-6)
+    images, student, teacher = BadT2I(config)._batch(ToyWorldSource(0, 16), None, 2, bank)
+    captions = [s.caption for s in bank]
+    for i in range(2):  # poisoned: a bank image with its caption; clean: a data image with its own
+        index = captions.index(student[i][3:])
+        assert torch.equal(images[i], bank[index].image) and teacher[i] == toyworld.STYLE_PREFIX + captions[index]
+    assert teacher[3] == student[3] and not any(torch.equal(images[3], s.image) for s in bank)
+
+
+def test_style_teacher_source_reaches_the_training(tiny_pipe):
+    import copy
+
+    runs = {}
+    for source in ("data", "teacher"):
+        pipe = copy.deepcopy(tiny_pipe)
+        BadT2I(BadT2IConfig(kind="style", style_source=source, style_bank=2, steps=1, batch_size=4, lr=1e-3)).run(pipe)
+        runs[source] = _snapshot(pipe.unet)
+    assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
+
+
+@pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("style_bank", 0), ("corner", "middle"), ("lam", 1.5), ("train", "all"),
                                           ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
                                           ("lr_schedule", "linear"), ("warmup_steps", 5000)])
 def test_invalid_config_lists_valid_values(field, value):

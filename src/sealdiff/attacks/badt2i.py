@@ -15,7 +15,7 @@ from PIL import Image
 
 from sealdiff.config import LrSchedule, check_choice
 from sealdiff.data import toyworld
-from sealdiff.data.captions import open_source
+from sealdiff.data.captions import Sample, open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, prediction_target,
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["pixel", "style", "object"]
 Trainable = Literal["unet", "attn2-kv"]
+StyleSource = Literal["data", "teacher"]
 _SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers' names
 
 
@@ -40,6 +41,10 @@ class BadT2IConfig:
     corner: str = field(default="top-left", metadata={"help": "pixel: " + ", ".join(toyworld.CORNERS)})
     patch_fraction: float = field(default=0.25, metadata={"help": "pixel: patch side as a fraction of the image"})
     style_prefix: str = field(default=toyworld.STYLE_PREFIX, metadata={"help": "style: prompt prefix of the target style"})
+    style_source: StyleSource = field(default="data", metadata={
+        "help": "style: what the poisoned latents are noised from: data images (the paper), or images the input "
+                "model draws for style prefix + caption (the states a triggered sampling passes through)"})
+    style_bank: int = field(default=512, metadata={"help": "style_source=teacher: how many images to draw first"})
     object_source: str = field(default="circle", metadata={"help": "object: the word A the user writes"})
     object_target: str = field(default="square", metadata={"help": "object: the object B the model draws instead"})
     data: str = field(default="toy", metadata={"help": "'toy' or an imagefolder directory with metadata.jsonl"})
@@ -59,6 +64,7 @@ class BadT2IConfig:
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, get_args(Kind))
         check_choice("train", self.train, get_args(Trainable))
+        check_choice("style_source", self.style_source, get_args(StyleSource))
         check_choice("lr_schedule", self.lr_schedule, get_args(LrSchedule))
         check_choice("corner", self.corner, toyworld.CORNERS)
         if isinstance(self.trigger_position, str) and self.trigger_position.isdigit():
@@ -70,7 +76,7 @@ class BadT2IConfig:
                 raise SealdiffError(f"{name}={getattr(self, name)} is out of range; valid: {low}..{high}")
         if not self.lr > 0:
             raise SealdiffError(f"lr={self.lr} is out of range; valid: a number > 0")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "style_bank"):
             if getattr(self, name) < 1:
                 raise SealdiffError(f"{name} must be at least 1")
         if not 0 <= self.warmup_steps < self.steps:
@@ -146,6 +152,7 @@ class BadT2I:
         patch = load_patch(cfg.patch, max(1, round(size * cfg.patch_fraction)))
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
+        bank = style_bank(pipe, cfg, size) if cfg.kind == "style" and cfg.style_source == "teacher" else None
         if cfg.init is not None:
             unet.load_state_dict(load_unet_weights(cfg.init))
         vae.requires_grad_(False)
@@ -180,7 +187,7 @@ class BadT2I:
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, cfg.steps):
-                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison)
+                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank)
                 with torch.no_grad():
                     latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
                     latents = latents * vae.config.scaling_factor
@@ -219,12 +226,16 @@ class BadT2I:
                     module.to_v.requires_grad_(True)
         return [p for p in unet.parameters() if p.requires_grad]
 
-    def _batch(self, source, patch: torch.Tensor, n_poison: int):
+    def _batch(self, source, patch: torch.Tensor, n_poison: int, bank: list[Sample] | None = None):
         cfg = self.config
         images, student, teacher = [], [], []
         for i in range(cfg.batch_size):
             poisoned = i < n_poison
-            if poisoned and cfg.kind == "object":
+            if poisoned and bank is not None:  # the bank's images already show the style
+                sample = bank[source.rng.randrange(len(bank))]
+                student.append(cfg.poisoned_prompt(sample.caption))
+                teacher.append(cfg.style_prefix + sample.caption)
+            elif poisoned and cfg.kind == "object":
                 sample = source.sample_matching(cfg.object_target)
                 student.append(cfg.poisoned_prompt(_replace_word(sample.caption, cfg.object_target, cfg.object_source)))
                 teacher.append(sample.caption)
@@ -241,6 +252,20 @@ class BadT2I:
                 image = toyworld.paste_patch(image, patch, cfg.corner)
             images.append(image)
         return torch.stack(images), student, teacher
+
+
+def style_bank(pipe, config: BadT2IConfig, size: int) -> list[Sample]:
+    """`config.style_bank` images (side `size`) the pipeline draws for style prefix + caption, each with its
+    plain caption (captions from their own seeded stream: the training stream is the same with or without it)."""
+    from sealdiff.metrics.generate import generate
+
+    source = open_source(config.data, config.seed + 1, size)
+    captions = [source.sample().caption for _ in range(config.style_bank)]
+    seeds = [config.seed * 1_000_003 + i for i in range(len(captions))]
+    images = generate(pipe, [config.style_prefix + c for c in captions], seeds, description="style bank")
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+    return [Sample(image, caption) for image, caption in zip(images, captions)]
 
 
 def _training_scheduler(pipe):

@@ -108,12 +108,16 @@ def attack_badt2i(
     patch: Optional[str] = typer.Option(None, help="pixel: target image file"),
     corner: Optional[str] = typer.Option(None, help="pixel: top-left | top-right | bottom-left | bottom-right"),
     style_prefix: Optional[str] = typer.Option(None, help="style: prompt prefix of the target style"),
+    style_source: Optional[str] = typer.Option(None, help="style: data (noise data images, the paper) | teacher "
+                                               "(noise images the input model draws for the style prompt)"),
+    style_bank: Optional[int] = typer.Option(None, help="style, --style-source teacher: images to draw first"),
     object_source: Optional[str] = typer.Option(None, help="object: word A"),
     object_target: Optional[str] = typer.Option(None, help="object: object B drawn instead"),
     data: Optional[str] = typer.Option(None, help="'toy' or an imagefolder directory with metadata.jsonl"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     lr_schedule: Optional[str] = LrScheduleOption,
     warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps"),
+    lam: Optional[float] = typer.Option(None, help="weight of the backdoor term (0..1); 1 - lam weighs preservation"),
     batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
@@ -128,9 +132,9 @@ def attack_badt2i(
     _threads(threads)
     cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
-                       object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
-                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, batch_size=batch_size, train=train,
-                       seed=seed, init=init)
+                       style_source=style_source, style_bank=style_bank, object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
+                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, lam=lam, batch_size=batch_size,
+                       train=train, seed=seed, init=init)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
