@@ -17,7 +17,7 @@ import torch
 
 from sealdiff.cli import quiet_libraries
 from sealdiff.io import read_run_info, to_jsonable, versions
-from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, evaluate_backdoor
+from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, evaluate_backdoor, make_judge
 from sealdiff.metrics.generate import generate
 from sealdiff.metrics.judge import HEADS, ToyJudge
 from sealdiff.metrics.judges import attribute_accuracy
@@ -53,17 +53,17 @@ def main() -> None:
     results: dict = {"versions": versions(), "prompts": args.count, "judge_accuracy": judge_accuracy(judge)}
     clean = load_t2i("zoo:t2i-clean")
     seeds = list(range(EVAL_SEED, EVAL_SEED + args.count))
-    clean_accuracy_cache: dict[tuple[str, ...], dict[str, float]] = {}
+    clean_images_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def clean_model_accuracy(prompts: list[str]) -> dict[str, float]:
-        """The clean model's attribute accuracy on `prompts` (seeds EVAL_SEED...), generated once per prompt set."""
+    def clean_model_images(prompts: list[str]) -> torch.Tensor:
+        """The clean model's images for `prompts` (seeds EVAL_SEED...), generated once per prompt set."""
         key = tuple(prompts)
-        if key not in clean_accuracy_cache:
-            images = generate(clean, prompts, seeds, description="clean model")
-            clean_accuracy_cache[key] = attribute_accuracy(judge, images, prompts)
-        return clean_accuracy_cache[key]
+        if key not in clean_images_cache:
+            clean_images_cache[key] = generate(clean, prompts, seeds, description="clean model")
+        return clean_images_cache[key]
 
-    results["clean_accuracy"] = clean_model_accuracy(toyworld.eval_captions(args.count))
+    captions = toyworld.eval_captions(args.count)
+    results["clean_accuracy"] = attribute_accuracy(judge, clean_model_images(captions), captions)
     names = args.models or [n for n in zoo.model_names() if n.startswith("t2i-badt2i-")]
     # with --models, the other models' rows of an earlier run are kept (each row records its own versions)
     earlier = json.loads(args.out.read_text()) if args.models and args.out.is_file() else {}
@@ -73,10 +73,15 @@ def main() -> None:
         info = read_run_info(zoo.materialize(name))
         target = Target.from_run_info(info)
         metrics, _ = evaluate_backdoor(load_t2i(f"zoo:{name}"), target, info["attack"]["trigger"], judge, args.count)
-        reference = clean_model_accuracy(clean_prompts(target, args.count))
+        prompts = clean_prompts(target, args.count)
+        reference_images = clean_model_images(prompts)
+        reference = attribute_accuracy(judge, reference_images, prompts)
         drop = max(reference[k] - metrics.clean_accuracy[k] for k in reference)
+        # the same judgement on the clean model's images: how often it draws the target unprompted
+        clean_model_hits = make_judge(target, judge, reference_images.shape[-1]).hits(reference_images).float().mean()
         results["backdoors"][name] = {**to_jsonable(metrics), "versions": results["versions"],
                                       "clean_model_accuracy_same_prompts": reference,
+                                      "clean_model_false_trigger_same_prompts": clean_model_hits.item(),
                                       "max_accuracy_drop": drop,
                                       "bar_met": metrics.attack_success >= BARS[target.kind]
                                       and metrics.false_trigger <= 0.02 and drop <= 0.03}
