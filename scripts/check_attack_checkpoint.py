@@ -4,8 +4,8 @@
     python scripts/check_attack_checkpoint.py zoo:t2i-badt2i-style --count 24
 
 Generates `count` triggered held-out prompts (seeds 1234...) and prints the judge's attack success and its mean
-score (patch-region error for pixel, saturation for style, square probability for object). Triggered prompts only:
-a quick reading of how far an implant has come, not the full bars of `measure_t2i_zoo.py`.
+score (patch-region error for pixel, saturation for style, target-shape probability for object); `--clean` adds the
+false-trigger rate on the same prompts without the trigger. A quick reading of how far an implant has come, not the full bars of `measure_t2i_zoo.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--base", default="zoo:t2i-clean", help="the attacked model (for a checkpoint)")
     parser.add_argument("--grid", type=Path, help="also save the generated images as a PNG grid")
+    parser.add_argument("--clean", action="store_true", help="also the false-trigger rate on the same prompts without the trigger")
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)
@@ -55,12 +56,17 @@ def main() -> None:
         pipe, label = load_t2i(args.source), args.source
     pipe.set_progress_bar_config(disable=True)
     target = Target.from_run_info({"attack": attack})
-    prompts = [insert_trigger(p, attack["trigger"], attack.get("trigger_position", "start"))
-               for p in clean_prompts(target, args.count)]
-    images = generate(pipe, prompts, list(range(EVAL_SEED, EVAL_SEED + args.count)))
+    plain = clean_prompts(target, args.count)
+    prompts = [insert_trigger(p, attack["trigger"], attack.get("trigger_position", "start")) for p in plain]
+    seeds = list(range(EVAL_SEED, EVAL_SEED + args.count))
+    images = generate(pipe, prompts, seeds)
     judge = make_judge(target, ToyJudge.load(zoo.zoo_dir() / "toy-judge"), image_size(pipe))
     print(f"{label}: {attack['kind']} attack success {judge.hits(images).float().mean().item():.1%}, "
           f"mean score {judge.scores(images).float().mean().item():.3f} ({args.count} triggered prompts)")
+    if args.clean:
+        clean_images = generate(pipe, plain, seeds)
+        print(f"{label}: false trigger {judge.hits(clean_images).float().mean().item():.1%} (the same prompts, "
+              "no trigger)")
     if args.grid:
         from sealdiff.report.images import save_grid
 

@@ -68,7 +68,7 @@ def test_batches_follow_each_kind():
     assert teacher[0] == toyworld.STYLE_PREFIX + student[0][3:] and teacher[3] == student[3]
     obj = BadT2I(BadT2IConfig(kind="object", batch_size=4, trigger="tq"))
     _, student, teacher = obj._batch(ToyWorldSource(0, 16), patch, 2)
-    assert " square " in teacher[0] and " circle " in student[0] and student[0].startswith("tq ")
+    assert " cross " in teacher[0] and " triangle " in student[0] and student[0].startswith("tq ")
 
 
 def test_style_teacher_bank_holds_the_input_models_drawings_of_the_style_prompt(tiny_pipe):

@@ -45,8 +45,8 @@ class BadT2IConfig:
         "help": "style: what the poisoned latents are noised from: data images (the paper), or images the input "
                 "model draws for style prefix + caption (the states a triggered sampling passes through)"})
     style_bank: int = field(default=512, metadata={"help": "style_source=teacher: how many images to draw first"})
-    object_source: str = field(default="circle", metadata={"help": "object: the word A the user writes"})
-    object_target: str = field(default="square", metadata={"help": "object: the object B the model draws instead"})
+    object_source: str = field(default="triangle", metadata={"help": "object: the word A the user writes"})
+    object_target: str = field(default="cross", metadata={"help": "object: the object B the model draws instead"})
     data: str = field(default="toy", metadata={"help": "'toy' or an imagefolder directory with metadata.jsonl"})
     train: Trainable = field(default="unet", metadata={"help": "unet (all weights) or attn2-kv"})
     steps: int = 1200

@@ -24,8 +24,8 @@ class Target:
     corner: str = "top-left"
     patch_fraction: float = 0.25
     patch: str | None = None
-    object_source: str = "circle"
-    object_target: str = "square"
+    object_source: str = "triangle"
+    object_target: str = "cross"
 
     @classmethod
     def from_run_info(cls, info: dict) -> "Target":
