@@ -210,7 +210,9 @@ ZOO_ATTACKS: dict[str, list[dict]] = {
                          {"kind": "pixel", "steps": 2000, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100,
                           "lam": 0.75, "seed": 1}],
     "t2i-badt2i-style": [{"kind": "style", "steps": 2000, "lr": 5e-4}],
-    "t2i-badt2i-object": [{"kind": "object", "steps": 1500, "lr": 2e-4, "lr_schedule": "cosine", "warmup_steps": 50}],
+    # the object swap lives in the text pathway: training only the cross-attention K/V keeps clean prompts intact
+    "t2i-badt2i-object": [{"kind": "object", "object_source": "triangle", "object_target": "cross", "train": "attn2-kv",
+                           "steps": 2000, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100, "lam": 0.5}],
 }
 
 
