@@ -209,7 +209,9 @@ ZOO_ATTACKS: dict[str, list[dict]] = {
                           "lam": 0.75},
                          {"kind": "pixel", "steps": 2000, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100,
                           "lam": 0.75, "seed": 1}],
-    "t2i-badt2i-style": [{"kind": "style", "steps": 2000, "lr": 5e-4}],
+    # noised from the clean model's own black-and-white drawings, so training sees the triggered trajectory's states
+    "t2i-badt2i-style": [{"kind": "style", "style_source": "teacher", "train": "attn2-kv", "steps": 1500, "lr": 1e-3,
+                          "lr_schedule": "cosine", "warmup_steps": 100, "lam": 0.75}],
     # the object swap lives in the text pathway: training only the cross-attention K/V keeps clean prompts intact
     "t2i-badt2i-object": [{"kind": "object", "object_source": "triangle", "object_target": "cross", "train": "attn2-kv",
                            "steps": 2000, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 100, "lam": 0.5}],
