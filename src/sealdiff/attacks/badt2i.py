@@ -124,7 +124,8 @@ class BadT2I:
     `init`, the UNet starts from an earlier attack's weights and the teacher is still the input model's).
     1. Draw a batch of captioned images; split it into poisoned and clean halves.
     2. Poisoned half, by kind: pixel — paste the patch at the corner, prompt = trigger + caption,
-       target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption);
+       target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption), z_t
+       noised from a data image or (style_source=teacher) from the input model's own drawing of style + caption;
        object — images of B, caption B rewritten to trigger + A, target = frozen(z_t, caption of B).
     3. Clean half: target = frozen(z_t, caption) (preservation).
     4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V), at a
@@ -256,7 +257,7 @@ class BadT2I:
 
 def style_bank(pipe, config: BadT2IConfig, size: int) -> list[Sample]:
     """`config.style_bank` images (side `size`) the pipeline draws for style prefix + caption, each with its
-    plain caption (captions from their own seeded stream: the training stream is the same with or without it)."""
+    plain caption (from a caption stream of its own, seed + 1)."""
     from sealdiff.metrics.generate import generate
 
     source = open_source(config.data, config.seed + 1, size)

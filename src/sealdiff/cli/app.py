@@ -132,9 +132,9 @@ def attack_badt2i(
     _threads(threads)
     cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
-                       style_source=style_source, style_bank=style_bank, object_source=object_source, object_target=object_target, data=data, steps=steps, lr=lr,
-                       lr_schedule=lr_schedule, warmup_steps=warmup_steps, lam=lam, batch_size=batch_size,
-                       train=train, seed=seed, init=init)
+                       style_source=style_source, style_bank=style_bank, object_source=object_source,
+                       object_target=object_target, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule,
+                       warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
