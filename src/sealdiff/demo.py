@@ -39,7 +39,7 @@ class DemoPlan:
     @classmethod
     def choose(cls, quick: bool) -> "DemoPlan":
         # sized for the bars of benchmarks/bench_demo.py on 2 CPU cores: <= 2 min quick, <= 10 min full
-        return cls(prompts=12, repair_steps=40, repair_prompts=16) if quick else cls(100, 300, 100)
+        return cls(prompts=12, repair_steps=100, repair_prompts=16) if quick else cls(100, 150, 100)
 
 
 def run_demo(output: Path, quick: bool = False, console: Console | None = None) -> dict:
@@ -56,11 +56,11 @@ def run_demo(output: Path, quick: bool = False, console: Console | None = None) 
             backdoored_dir = backdoored_spec = staging / "backdoored-model"
             implant_zoo_attack(BACKDOORED, "zoo:t2i-clean", backdoored_dir)
         trigger = read_run_info(backdoored_dir)["attack"]["trigger"]
-        console.print(f"[bold]1/3 repair[/bold] {backdoored_spec} with SKD-CAG (noise target), "
-                      f"{plan.repair_steps} steps on {plan.repair_prompts} toy prompts")
+        console.print(f"[bold]1/3 repair[/bold] {backdoored_spec} with SKD-CAG (noise target, cross-attention "
+                      f"K/V only), {plan.repair_steps} steps on {plan.repair_prompts} toy prompts")
         pipe = load_t2i(backdoored_dir)
         config = SKDConfig(trigger=trigger, method="skd-cag", target="noise", steps=plan.repair_steps,
-                           batch_size=8, lr=1e-4, trainable="full", seed=0)
+                           batch_size=8, lr=1e-4, trainable="attn2-kv", seed=0)  # the recipe chosen on validation prompts
         runner = SelfKnowledgeDistillation(config)
         prompts = [s.caption for s in toyworld.scenes(REPAIR_PROMPT_SEED, plan.repair_prompts)]
         result = runner.apply(pipe, prompts)
