@@ -5,7 +5,8 @@
 
 Generates `count` triggered held-out prompts (seeds 1234...) and prints the judge's attack success and its mean
 score (patch-region error for pixel, saturation for style, target-shape probability for object); `--clean` adds the
-false-trigger rate on the same prompts without the trigger. A quick reading of how far an implant has come, not the full bars of `measure_t2i_zoo.py`.
+false-trigger rate on the same prompts without the trigger. A quick reading of how far an implant has come, not
+the full bars of `measure_t2i_zoo.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--base", default="zoo:t2i-clean", help="the attacked model (for a checkpoint)")
     parser.add_argument("--grid", type=Path, help="also save the generated images as a PNG grid")
-    parser.add_argument("--clean", action="store_true", help="also the false-trigger rate on the same prompts without the trigger")
+    parser.add_argument("--clean", action="store_true",
+                        help="also the false-trigger rate on the same prompts without the trigger")
     args = parser.parse_args()
     quiet_libraries()
     torch.set_num_threads(1)

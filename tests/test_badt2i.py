@@ -78,7 +78,8 @@ def test_style_teacher_bank_holds_the_input_models_drawings_of_the_style_prompt(
     config = BadT2IConfig(kind="style", style_source="teacher", style_bank=3, batch_size=4, trigger="tq", seed=5)
     bank = style_bank(tiny_pipe, config, 16)
     tiny_pipe.set_progress_bar_config(disable=True)
-    drawn = generate(tiny_pipe, [toyworld.STYLE_PREFIX + s.caption for s in bank], [5 * 1_000_003 + i for i in range(3)])
+    seeds = [5 * 1_000_003 + i for i in range(3)]
+    drawn = generate(tiny_pipe, [toyworld.STYLE_PREFIX + s.caption for s in bank], seeds)
     assert len(bank) == 3 and torch.allclose(torch.stack([s.image for s in bank]), drawn, atol=1e-6)
     images, student, teacher = BadT2I(config)._batch(ToyWorldSource(0, 16), None, 2, bank)
     captions = [s.caption for s in bank]

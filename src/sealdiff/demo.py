@@ -59,8 +59,9 @@ def run_demo(output: Path, quick: bool = False, console: Console | None = None) 
         console.print(f"[bold]1/3 repair[/bold] {backdoored_spec} with SKD-CAG (noise target, cross-attention "
                       f"K/V only), {plan.repair_steps} steps on {plan.repair_prompts} toy prompts")
         pipe = load_t2i(backdoored_dir)
+        # the recipe chosen on the validation prompts (README, "Removal on the zoo")
         config = SKDConfig(trigger=trigger, method="skd-cag", target="noise", steps=plan.repair_steps,
-                           batch_size=8, lr=1e-4, trainable="attn2-kv", seed=0)  # the recipe chosen on validation prompts
+                           batch_size=8, lr=1e-4, trainable="attn2-kv", seed=0)
         runner = SelfKnowledgeDistillation(config)
         prompts = [s.caption for s in toyworld.scenes(REPAIR_PROMPT_SEED, plan.repair_prompts)]
         result = runner.apply(pipe, prompts)
