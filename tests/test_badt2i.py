@@ -100,8 +100,8 @@ def test_style_teacher_source_reaches_the_training(tiny_pipe):
     assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
 
 
-@pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("style_bank", 0), ("corner", "middle"), ("lam", 1.5), ("train", "all"),
-                                          ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
+@pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("style_bank", 0),
+                                          ("corner", "middle"), ("lam", 1.5), ("train", "all"), ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
                                           ("lr_schedule", "linear"), ("warmup_steps", 5000)])
 def test_invalid_config_lists_valid_values(field, value):
     with pytest.raises(SealdiffError, match="valid|at least|empty|range"):

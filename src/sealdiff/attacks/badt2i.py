@@ -153,6 +153,7 @@ class BadT2I:
         patch = load_patch(cfg.patch, max(1, round(size * cfg.patch_fraction)))
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
+        # drawn by the input model, before `init` replaces its UNet weights
         bank = style_bank(pipe, cfg, size) if cfg.kind == "style" and cfg.style_source == "teacher" else None
         if cfg.init is not None:
             unet.load_state_dict(load_unet_weights(cfg.init))
