@@ -55,6 +55,8 @@ def main() -> None:
                         help="repair steps; several values run one repair each (rows keyed by the recipe)")
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--trainable", choices=["full", "attn2-kv", "lora"], default=RECIPE["trainable"])
+    parser.add_argument("--retain-weight", type=float, default=0.0,
+                        help="SKDConfig.retain_weight (clean and empty prompts kept close to the teacher); 0 = off")
     parser.add_argument("--validation", action="store_true",
                         help="measure on the validation captions and seeds (for choosing a recipe), not the evaluation ones")
     parser.add_argument("--out", type=Path, default=None,
@@ -62,7 +64,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = Path("benchmarks/results", "removal_validation.json" if args.validation else "removal.json")
-    recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable} for steps in args.steps]
+    retain = {"retain_weight": args.retain_weight} if args.retain_weight else {}
+    recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable, **retain}
+               for steps in args.steps]
     held_out = VALIDATION if args.validation else {"prompt_seed": toyworld.EVAL_SEED, "seed": EVAL_SEED}
     quiet_libraries()
     torch.set_num_threads(2)
@@ -110,7 +114,8 @@ def main() -> None:
                 row["recipe"] = recipe
                 if recipe != RECIPE:
                     key += f"@steps={recipe['steps']},lr={recipe['lr']:g}" + (
-                        "" if recipe["trainable"] == RECIPE["trainable"] else f",trainable={recipe['trainable']}")
+                        "" if recipe["trainable"] == RECIPE["trainable"] else f",trainable={recipe['trainable']}") + (
+                        f",retain={recipe['retain_weight']:g}" if "retain_weight" in recipe else "")
             rows[key] = row
             drop, sim = row.get("max_clean_accuracy_drop"), row.get("ssim_vs_backdoored_clean")
             print(f"{key:40s} removal {row['removal_accuracy']:.1%}"

@@ -49,9 +49,10 @@ def test_remove_and_sau_generate(tiny_pipe_dir, tmp_path):
     assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(attacked), "--steps", "1", "--batch-size", "2"]) == 0
     repaired = tmp_path / "repaired"
     assert main(["remove", str(attacked), "-o", str(repaired), "--method", "skd-cag", "--steps", "2",
-                 "--prompt-count", "2", "--measure", "0", "--lr", "1e-3"]) == 0
+                 "--prompt-count", "2", "--measure", "0", "--lr", "1e-3", "--retain-weight", "0.5"]) == 0
     info = json.loads((repaired / "sealdiff.json").read_text())
     assert info["defense"] == "skd-cag" and info["trigger"] == "\u200b" and len(info["losses"]) == 2
+    assert info["config"]["retain_weight"] == 0.5 and info["result"]["retain_losses"][-1] > 0
     assert info["parent"]["sha256"] == directory_sha256(attacked)
     grid = tmp_path / "sau.png"
     assert main(["generate", str(repaired), "-p", "\\u200b a red circle on a blue background", "-o", str(grid),

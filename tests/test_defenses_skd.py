@@ -240,10 +240,39 @@ def test_finetune_reversal_needs_images_and_trains_on_them(base):
     ("alpha", 1.5, "0 <= alpha <= 1"),
     ("trigger_position", "middle", "start, end"),
     ("steps", 0, ">= 1"),
+    ("retain_weight", -1.0, ">= 0"),
 ])
 def test_invalid_config_lists_valid_values(field, value, valid):
     with pytest.raises(SealdiffError, match=valid):
         config(**{field: value})
+
+
+def test_retain_weight_needs_a_teacher():
+    with pytest.raises(SealdiffError, match="skd or skd-cag"):
+        config(method="finetune-reversal", retain_weight=1.0)
+
+
+def test_retain_loss_compares_student_and_teacher_on_clean_and_empty_prompts(base, bank):
+    pipe = copy.deepcopy(base)
+    skd = SelfKnowledgeDistillation(config(method="skd-cag", target="zero", retain_weight=2.0))
+    skd.setup(pipe, PROMPTS, bank=bank)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # move the student away from the teacher
+        for name, p in pipe.unet.named_parameters():
+            if ".attn2.to_k." in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    out = skd.compute_step([0, 1], backward=False, keep_maps=True)
+    x, t = out.x_t.repeat(2, 1, 1, 1), out.timesteps.repeat(2)
+    emb = torch.cat([skd.clean_emb, skd.empty_emb.expand_as(skd.clean_emb)])
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(pipe.unet(x, t, encoder_hidden_states=emb).sample,
+                                            base.unet(x, t, encoder_hidden_states=emb).sample)
+    assert want > 1e-6
+    torch.testing.assert_close(out.retain_loss, want, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.loss, 0.5 * out.attn_loss + 0.5 * out.pred_loss + 2.0 * out.retain_loss)
+    triggered = maps_of(pipe.unet, out.x_t, out.timesteps, skd.trig_emb)  # L_attn sees the triggered rows only
+    for layer, m in out.student_maps.items():
+        torch.testing.assert_close(m, triggered[layer], atol=1e-6, rtol=1e-5)
 
 
 def test_registry_and_layer_errors(base):

@@ -92,8 +92,9 @@ def test_attack_sigkilled_twice_resumes_to_the_uninterrupted_weights(models, tmp
     ckpt, log = checkpoint_dir(out), tmp_path / "log"
     assert signal_after(launch(args, log), ckpt, 3, log) == -signal.SIGKILL  # after the 1st checkpoint
     assert not out.exists() and saved_step(ckpt) >= 3
-    assert signal_after(launch([*args, "--resume"], log), ckpt, 9, log) == -signal.SIGKILL  # after the 3rd
-    assert not out.exists() and saved_step(ckpt) >= 9
+    # after the 2nd: the 3rd (step 9) would leave 3 steps, which a loaded machine's poll can miss
+    assert signal_after(launch([*args, "--resume"], log), ckpt, 6, log) == -signal.SIGKILL
+    assert not out.exists() and saved_step(ckpt) >= 6
     assert main([*args, "--resume"]) == 0
     assert_same_run(out, models / "attacked", lambda info: info["losses"])
 

@@ -40,6 +40,8 @@ def remove(
     trainable: Optional[str] = typer.Option(None, help="full | attn2-kv | lora"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
+    retain_weight: Optional[float] = typer.Option(None, help="skd/skd-cag: weight of the clean-behaviour retention "
+                                                             "loss (clean and empty prompts; 0 = off)"),
     save_format: Optional[str] = typer.Option(None, "--format", help="merged | lora (default: lora for LoRA)"),
     measure: int = typer.Option(50, help="prompts for the before/after measurement (0 skips it)"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
@@ -88,7 +90,7 @@ def remove(
         raise SealdiffError("no --trigger given and the model's sealdiff.json names none")
     cfg = build_config(SKDConfig, config, trigger=trig, method=method, target=target, alpha=alpha,
                        trainable=trainable, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                       trigger_position=attack.get("trigger_position"))
+                       retain_weight=retain_weight, trigger_position=attack.get("trigger_position"))
     clean_prompts = removal_prompts(prompt_count, prompts)
     parent_sha256 = directory_sha256(directory)
     checkpointer = None

@@ -53,6 +53,7 @@ DEFAULT_RANDOM_WORDS = ("apple", "guitar", "river", "chair", "mountain", "bicycl
                         "window", "cloud", "bottle", "garden", "piano", "bridge", "candle", "harbor")
 DEFAULT_LR = {"full": 1e-6, "attn2-kv": 1e-5, "lora": 1e-4}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LOSS_NAMES = ("losses", "pred_losses", "attn_losses", "retain_losses")  # RemovalResult's per-step histories
 
 
 @dataclass
@@ -97,6 +98,10 @@ class SKDConfig:
     gradient_checkpointing: bool = help_field("trade compute for memory in the student UNet", default=False)
     mixed_precision: MixedPrecision = help_field("accelerate mixed precision", default="no")
     cpu: bool = help_field("force CPU even when an accelerator is present", default=False)
+    retain_weight: float = help_field("weight of L_retain: the student on the clean and the empty prompt (the two "
+                                      "branches guided sampling runs) matches the teacher on the same x_t; keeps "
+                                      "clean behaviour at the cost of a 3x student batch; 0 = off (the paper)",
+                                      default=0.0)
     seed: int = help_field("seed of the latent bank, noise, timesteps, shuffling and LoRA init", default=0)
     bank_steps: int = help_field("sampling steps used to generate the teacher's clean latent bank", default=20)
     bank_guidance: float = help_field("guidance scale of the latent bank", default=7.5)
@@ -137,7 +142,9 @@ class SKDConfig:
             raise SealdiffError(f"lr {self.lr} is invalid; valid: a number > 0 (or None for the default)")
         if not 0.0 < self.ema_decay < 1.0:
             raise SealdiffError(f"ema_decay {self.ema_decay} is invalid; valid: 0 < decay < 1")
-        for name in ("noise_std", "weight_decay", "max_grad_norm"):
+        if self.retain_weight and self.method == "finetune-reversal":
+            raise SealdiffError("retain_weight needs a teacher; valid with method skd or skd-cag, not finetune-reversal")
+        for name in ("noise_std", "weight_decay", "max_grad_norm", "retain_weight"):
             if getattr(self, name) < 0:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
@@ -168,6 +175,7 @@ class RemovalResult:
     losses: list[float]
     pred_losses: list[float]
     attn_losses: list[float]
+    retain_losses: list[float]
     trainable_parameters: int
     teacher: str
     seconds: float
@@ -184,6 +192,7 @@ class StepOutput:
     loss: torch.Tensor
     pred_loss: torch.Tensor
     attn_loss: torch.Tensor
+    retain_loss: torch.Tensor
     x_t: torch.Tensor
     timesteps: torch.Tensor
     student_maps: dict[str, torch.Tensor] | None = None
@@ -356,6 +365,11 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def _first(maps: dict[str, torch.Tensor] | None, count: int) -> dict[str, torch.Tensor] | None:
+    """The maps of the first `count` samples of a batch (the rest belong to L_retain's prompts)."""
+    return None if maps is None else {name: m[:count] for name, m in maps.items()}
+
+
 def _mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python runs, unlike `hash`)."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
@@ -496,7 +510,9 @@ class SelfKnowledgeDistillation:
        - skd-cag: L = alpha*L_attn + (1-alpha)*L_pred, where L_attn is the MSE between the student's maps
          and the teacher's maps aligned past the trigger (`aligned_columns`), the trigger tokens' maps being
          matched to the target (noise / uniform / zero / random-word), optionally weighted by t/T;
-       - finetune-reversal: L = MSE(eps_S, eps) on real clean images (needs images + captions).
+       - finetune-reversal: L = MSE(eps_S, eps) on real clean images (needs images + captions);
+       - with retain_weight w > 0, + w * MSE(UNet(x_t, t, E(q)), teacher(x_t, t, E(q))) for q the clean and the
+         empty prompt, in the same student batch (an addition to the paper, against drift of clean samples).
     5. `accelerator.backward(L)` (the capture stays installed through backward, then its store is emptied),
        clip, AdamW step, optional EMA update of a shadow copy (copied into the weights only at the end).
     """
@@ -550,6 +566,7 @@ class SelfKnowledgeDistillation:
             encoder = self.pipe.text_encoder
             self.clean_emb = encode_prompts(tokenizer, encoder, self.clean).detach()
             self.trig_emb = encode_prompts(tokenizer, encoder, self.triggered).detach()
+            self.empty_emb = encode_prompts(tokenizer, encoder, [""]).detach()
 
     def setup(self, pipe, prompts: Sequence[str], images=None, bank: torch.Tensor | None = None) -> None:
         """Encode prompts, build the latent bank, choose trainable weights and the teacher, prepare with Accelerate."""
@@ -675,11 +692,17 @@ class SelfKnowledgeDistillation:
         seeds = self._sample_seeds(len(idx))
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         x_t, noise, t = self._noisy(z0, generators)
-        trig_emb = self.trig_emb[idx].to(device)
+        batch = len(idx)
+        trig_emb, clean_emb = self.trig_emb[idx].to(device), self.clean_emb[idx].to(device)
+        # L_retain rides along in the same forwards: teacher on [clean; empty], student on [triggered; clean; empty]
+        retain_embs = [clean_emb, self.empty_emb.to(device).expand_as(clean_emb)] if cfg.retain_weight else []
         zero = torch.zeros((), device=device)
         teacher_pred = teacher_maps = word_maps = word_positions = None
         if cfg.method != "finetune-reversal":
-            teacher_pred, teacher_maps = self._teacher(x_t, t, self.clean_emb[idx].to(device), cfg.uses_attention)
+            copies = max(1, len(retain_embs))
+            teacher_all, teacher_maps = self._teacher(x_t.repeat(copies, 1, 1, 1), t.repeat(copies),
+                                                      torch.cat(retain_embs or [clean_emb]), cfg.uses_attention)
+            teacher_pred, teacher_maps = teacher_all[:batch], _first(teacher_maps, batch)
             if cfg.uses_attention and cfg.target == "random-word":
                 prompts, word_positions = self._word_prompts(idx, seeds)
                 with torch.no_grad():
@@ -687,9 +710,12 @@ class SelfKnowledgeDistillation:
                 _, word_maps = self._teacher(x_t, t, word_emb, True)
         capture = _capture(self._student_attn) if cfg.uses_attention else contextlib.nullcontext(None)
         with capture as store:
+            copies = 1 + len(retain_embs)
             with acc.autocast():
-                pred = self.student(x_t, t, encoder_hidden_states=trig_emb).sample.float()
-            student_maps = store.pop() if store is not None else None
+                pred_all = self.student(x_t.repeat(copies, 1, 1, 1), t.repeat(copies),
+                                        encoder_hidden_states=torch.cat([trig_emb, *retain_embs])).sample.float()
+            pred = pred_all[:batch]
+            student_maps = _first(store.pop(), batch) if store is not None else None
             if student_maps is not None:
                 self._check_maps(student_maps, "student")
             if cfg.method == "finetune-reversal":
@@ -710,11 +736,14 @@ class SelfKnowledgeDistillation:
                 loss = cfg.alpha * attn_loss + (1.0 - cfg.alpha) * pred_loss
             else:
                 loss = pred_loss
+            retain_loss = F.mse_loss(pred_all[batch:], teacher_all) if retain_embs else zero
+            loss = loss + cfg.retain_weight * retain_loss
             if backward:
                 acc.backward(loss)
             if store is not None:
                 store.pop()  # drop maps that a checkpoint recomputation recorded during backward
-        return StepOutput(loss=loss, pred_loss=pred_loss, attn_loss=attn_loss, x_t=x_t, timesteps=t,
+        return StepOutput(loss=loss, pred_loss=pred_loss, attn_loss=attn_loss, retain_loss=retain_loss, x_t=x_t,
+                          timesteps=t,
                           student_maps=student_maps if keep_maps else None,
                           teacher_maps=teacher_maps if keep_maps else None)
 
@@ -737,8 +766,8 @@ class SelfKnowledgeDistillation:
         return {"method": self.config.method, "config": self.config, "num_processes": self.accelerator.num_processes,
                 "prompts_sha256": hashlib.sha256(prompts).hexdigest(), "bank": self.bank_source}
 
-    def _state(self, step: int, losses, preds, attns, last_batch, seconds: float) -> dict:
-        return {"step": step, "draws": self.draws, "losses": losses, "pred_losses": preds, "attn_losses": attns,
+    def _state(self, step: int, history: dict[str, list[float]], last_batch, seconds: float) -> dict:
+        return {"step": step, "draws": self.draws, **history,
                 "seconds": seconds, "last_batch": last_batch, "weights": trainable_state(self.unet, self.params),
                 "optimizer": self.optimizer.state_dict(), "bank": self.bank, "rng": rng_state(),
                 "ema": self.ema.state_dict() if self.ema is not None else None}
@@ -770,14 +799,14 @@ class SelfKnowledgeDistillation:
         `on_step(steps_done)` runs after every optimizer step; returning True stops training early."""
         cfg, acc = self.config, self.accelerator
         started = time.perf_counter()
-        losses, preds, attns = [], [], []
+        history: dict[str, list[float]] = {name: [] for name in LOSS_NAMES}
         batches = self._batches()
         start, earlier, last_batch = 0, 0.0, None
         if checkpointer is not None:
             saved = checkpointer.start(self._fingerprint())
             if saved is not None:
                 start = self._restore(saved, batches)
-                losses, preds, attns = list(saved["losses"]), list(saved["pred_losses"]), list(saved["attn_losses"])
+                history = {name: list(saved[name]) for name in LOSS_NAMES}
                 earlier, last_batch = float(saved["seconds"]), saved["last_batch"]
         logger.info("%s: %d steps, trainable %s (%d parameters), teacher %s, lr %g", cfg.method, cfg.steps,
                     cfg.trainable, sum(p.numel() for p in self.params), self.teacher_mode, cfg.learning_rate)
@@ -795,24 +824,26 @@ class SelfKnowledgeDistillation:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.step(self.params)  # updates the shadow copy only
-                values = torch.stack([out.loss.detach(), out.pred_loss.detach(), out.attn_loss.detach()]).float()
+                values = torch.stack([out.loss.detach(), out.pred_loss.detach(), out.attn_loss.detach(),
+                                      out.retain_loss.detach()]).float()
                 stop = None
                 if checkpointer is not None and acc.num_processes > 1:  # every process stops at the same step
                     flag = torch.tensor([float(checkpointer.interrupted)], device=values.device)
                     gathered = acc.gather(torch.cat([values, flag])[None])
-                    values, stop = gathered[:, :3].mean(dim=0).tolist(), bool(gathered[:, 3].max() > 0)
+                    values, stop = gathered[:, :-1].mean(dim=0).tolist(), bool(gathered[:, -1].max() > 0)
                 else:
                     values = acc.gather(values[None]).mean(dim=0).tolist()
                 if not all(math.isfinite(v) for v in values):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"{cfg.method} diverged at step {step + 1} (loss {values[0]}); lower the "
                                         f"learning rate{kept}")
-                losses.append(values[0]), preds.append(values[1]), attns.append(values[2])
+                for name, value in zip(LOSS_NAMES, values):
+                    history[name].append(value)
                 last_batch = indices.tolist() if torch.is_tensor(indices) else list(indices)
                 advance(info=f"loss {values[0]:.4g}")
                 if checkpointer is not None:
                     seconds = earlier + time.perf_counter() - started
-                    checkpointer.after_step(step + 1, lambda: self._state(step + 1, losses, preds, attns, last_batch,
+                    checkpointer.after_step(step + 1, lambda: self._state(step + 1, history, last_batch,
                                                                           seconds),
                                             save=acc.is_main_process, stop=stop)
                 if on_step is not None and on_step(step + 1):
@@ -825,7 +856,7 @@ class SelfKnowledgeDistillation:
         if cfg.gradient_checkpointing:
             self.unet.disable_gradient_checkpointing()
         self.unet.requires_grad_(False)
-        return RemovalResult(config=cfg, losses=losses, pred_losses=preds, attn_losses=attns,
+        return RemovalResult(config=cfg, **history,
                              trainable_parameters=sum(p.numel() for p in self.params), teacher=self.teacher_mode,
                              seconds=earlier + time.perf_counter() - started, num_processes=acc.num_processes)
 
