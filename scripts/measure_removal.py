@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--trainable", choices=["full", "attn2-kv", "lora"], default=RECIPE["trainable"])
     parser.add_argument("--retain-weight", type=float, default=0.0,
                         help="SKDConfig.retain_weight (clean and empty prompts kept close to the teacher); 0 = off")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 each when two runs share 2 cores)")
     parser.add_argument("--validation", action="store_true",
                         help="measure on the validation captions and seeds (for choosing a recipe), not the evaluation ones")
     parser.add_argument("--out", type=Path, default=None,
@@ -69,7 +70,7 @@ def main() -> None:
                for steps in args.steps]
     held_out = VALIDATION if args.validation else {"prompt_seed": toyworld.EVAL_SEED, "seed": EVAL_SEED}
     quiet_libraries()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     judge = ToyJudge.load(zoo.zoo_dir() / "toy-judge")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.update({"versions": versions(), "recipe": RECIPE, "prompts": args.count, "held_out": held_out})
