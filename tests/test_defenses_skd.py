@@ -275,6 +275,30 @@ def test_retain_loss_compares_student_and_teacher_on_clean_and_empty_prompts(bas
         torch.testing.assert_close(m, triggered[layer], atol=1e-6, rtol=1e-5)
 
 
+def test_retain_loss_keeps_the_zoo_models_clean_predictions_near_the_teacher():
+    """On the committed object backdoor (tiny random models drift by optimizer noise alone, with or without it)."""
+    from sealdiff.models.loading import load_t2i
+
+    backdoored = load_t2i("zoo:t2i-badt2i-object")
+    backdoored.set_progress_bar_config(disable=True)
+    prompts = eval_captions(4, seed=3)
+
+    def drift(retain_weight: float) -> float:
+        pipe = copy.deepcopy(backdoored)
+        skd = SelfKnowledgeDistillation(SKDConfig(trigger="\u200b", method="skd", steps=8, lr=1e-4, batch_size=4,
+                                                  bank_steps=2, retain_weight=retain_weight))
+        skd.apply(pipe, prompts, show_progress=False)
+        x = torch.randn(skd.bank.shape, generator=torch.Generator().manual_seed(7)).repeat(2, 1, 1, 1)
+        t = torch.full((x.shape[0],), 500)
+        emb = torch.cat([skd.clean_emb, skd.empty_emb.expand_as(skd.clean_emb)])
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(pipe.unet(x, t, encoder_hidden_states=emb).sample,
+                                                backdoored.unet(x, t, encoder_hidden_states=emb).sample).item()
+
+    free, kept = drift(0.0), drift(10.0)
+    assert kept < 0.3 * free, (kept, free)  # measured: 0.0032 against 0.027
+
+
 def test_registry_and_layer_errors(base):
     assert set(DEFENSES) == {"skd", "skd-cag", "finetune-reversal", "sau",
                              "elijah-ft", "diff-cleanse-prune", "diffdefend-purify"}  # the last three: unconditional
