@@ -131,3 +131,16 @@ def test_clean_zoo_model_draws_the_shapes_it_is_told():
     pipe.set_progress_bar_config(disable=True)
     accuracy = attribute_accuracy(judge, generate(pipe, captions, list(range(1234, 1250))), captions)
     assert accuracy["shape"] >= 0.75 and accuracy["fg"] == accuracy["bg"] == 1.0
+
+
+@pytest.mark.parametrize("scale, bank", [(1.0, 512), (0.01, 8), (0.1, 51)])
+def test_zoo_attack_scale_shrinks_steps_and_the_style_bank(monkeypatch, tmp_path, scale, bank):
+    from sealdiff import attacks
+    from sealdiff.recipes.zoo import ZOO_ATTACKS, implant_zoo_attack
+
+    seen = []
+    monkeypatch.setattr(attacks, "run_attack", lambda base, config, out: seen.append(config) or out)
+    implant_zoo_attack("t2i-badt2i-style", "unused", tmp_path / "out", scale)
+    (config,) = seen
+    assert config.style_bank == bank
+    assert config.steps == max(40, int(ZOO_ATTACKS["t2i-badt2i-style"][0]["steps"] * scale))

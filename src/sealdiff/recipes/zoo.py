@@ -220,7 +220,7 @@ ZOO_ATTACKS: dict[str, list[dict]] = {
 
 def implant_zoo_attack(name: str, base: str | Path, output: Path, scale: float = 1.0) -> Path:
     """Run the stages of `ZOO_ATTACKS[name]` on the pipeline `base`; the last stage writes `output`.
-    `scale` multiplies every step count (at least 40 steps a stage)."""
+    `scale` multiplies every step count (at least 40 steps a stage) and the style bank (at least 8 images)."""
     import tempfile
 
     from sealdiff.attacks import run_attack
@@ -230,8 +230,9 @@ def implant_zoo_attack(name: str, base: str | Path, output: Path, scale: float =
         previous = None
         for index, fields in enumerate(ZOO_ATTACKS[name]):
             steps = max(40, int(fields["steps"] * scale))
-            config = BadT2IConfig(**{**fields, "steps": steps, "warmup_steps": min(fields.get("warmup_steps", 0),
-                                                                                    steps // 10)},
+            bank = max(8, int(fields.get("style_bank", BadT2IConfig.style_bank) * scale))
+            config = BadT2IConfig(**{**fields, "steps": steps, "style_bank": bank,
+                                     "warmup_steps": min(fields.get("warmup_steps", 0), steps // 10)},
                                   init=None if previous is None else str(previous))
             last = index == len(ZOO_ATTACKS[name]) - 1
             previous = run_attack(str(base), config, output if last else Path(tmp) / f"stage-{index}")
