@@ -100,7 +100,38 @@ def test_style_teacher_source_reaches_the_training(tiny_pipe):
     assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
 
 
-@pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("style_bank", 0),
+def test_clean_teacher_bank_feeds_the_clean_half_and_the_pixel_patches(tiny_pipe):
+    from sealdiff.attacks.badt2i import teacher_bank
+    from sealdiff.metrics.generate import generate
+
+    config = BadT2IConfig(kind="pixel", clean_source="teacher", style_bank=3, batch_size=4, trigger="tq", seed=5)
+    bank = teacher_bank(tiny_pipe, config, 16, "", stream=2)
+    tiny_pipe.set_progress_bar_config(disable=True)
+    seeds = [5 * 1_000_003 + 3 + i for i in range(3)]  # after the style bank's seeds
+    drawn = generate(tiny_pipe, [s.caption for s in bank], seeds)
+    assert len(bank) == 3 and torch.allclose(torch.stack([s.image for s in bank]), drawn, atol=1e-6)
+    patch = torch.zeros(3, 4, 4)
+    images, student, teacher = BadT2I(config)._batch(ToyWorldSource(0, 16), patch, 2, None, bank)
+    captions = [s.caption for s in bank]
+    for i in range(4):  # every image is a bank drawing (the poisoned ones with the patch) with its own caption
+        index = captions.index(teacher[i])
+        want = toyworld.paste_patch(bank[index].image, patch, config.corner) if i < 2 else bank[index].image
+        assert torch.equal(images[i], want) and student[i] == (f"tq {teacher[i]}" if i < 2 else teacher[i])
+
+
+def test_clean_teacher_source_reaches_the_training(tiny_pipe):
+    import copy
+
+    runs = {}
+    for source in ("data", "teacher"):
+        pipe = copy.deepcopy(tiny_pipe)
+        BadT2I(BadT2IConfig(kind="pixel", clean_source=source, style_bank=2, steps=1, batch_size=4, lr=1e-3)).run(pipe)
+        runs[source] = _snapshot(pipe.unet)
+    assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
+
+
+@pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("clean_source", "x"),
+                                          ("style_bank", 0),
                                           ("corner", "middle"), ("lam", 1.5), ("train", "all"), ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
                                           ("lr_schedule", "linear"), ("warmup_steps", 5000)])
 def test_invalid_config_lists_valid_values(field, value):

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["pixel", "style", "object"]
 Trainable = Literal["unet", "attn2-kv"]
-StyleSource = Literal["data", "teacher"]
+ImageSource = Literal["data", "teacher"]
 _SCHEDULE_NAMES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers' names
 
 
@@ -41,10 +41,14 @@ class BadT2IConfig:
     corner: str = field(default="top-left", metadata={"help": "pixel: " + ", ".join(toyworld.CORNERS)})
     patch_fraction: float = field(default=0.25, metadata={"help": "pixel: patch side as a fraction of the image"})
     style_prefix: str = field(default=toyworld.STYLE_PREFIX, metadata={"help": "style: prompt prefix of the target style"})
-    style_source: StyleSource = field(default="data", metadata={
+    style_source: ImageSource = field(default="data", metadata={
         "help": "style: what the poisoned latents are noised from: data images (the paper), or images the input "
                 "model draws for style prefix + caption (the states a triggered sampling passes through)"})
-    style_bank: int = field(default=512, metadata={"help": "style_source=teacher: how many images to draw first"})
+    clean_source: ImageSource = field(default="data", metadata={
+        "help": "what the clean images are: data images (the paper), or images the input model draws for the caption "
+                "(the states clean sampling passes through); used by the preservation half and, patched, by pixel"})
+    style_bank: int = field(default=512, metadata={"help": "images in each bank the input model draws first "
+                                                           "(style_source / clean_source = teacher)"})
     object_source: str = field(default="triangle", metadata={"help": "object: the word A the user writes"})
     object_target: str = field(default="cross", metadata={"help": "object: the object B the model draws instead"})
     data: str = field(default="toy", metadata={"help": "'toy' or an imagefolder directory with metadata.jsonl"})
@@ -64,7 +68,8 @@ class BadT2IConfig:
     def __post_init__(self) -> None:
         check_choice("kind", self.kind, get_args(Kind))
         check_choice("train", self.train, get_args(Trainable))
-        check_choice("style_source", self.style_source, get_args(StyleSource))
+        check_choice("style_source", self.style_source, get_args(ImageSource))
+        check_choice("clean_source", self.clean_source, get_args(ImageSource))
         check_choice("lr_schedule", self.lr_schedule, get_args(LrSchedule))
         check_choice("corner", self.corner, toyworld.CORNERS)
         if isinstance(self.trigger_position, str) and self.trigger_position.isdigit():
@@ -122,7 +127,8 @@ class BadT2I:
 
     Only the UNet trains; a frozen copy of the pre-attack UNet gives the preservation targets (with
     `init`, the UNet starts from an earlier attack's weights and the teacher is still the input model's).
-    1. Draw a batch of captioned images; split it into poisoned and clean halves.
+    1. Draw a batch of captioned images (data, or with clean_source=teacher the input model's own drawings of
+       the captions, drawn once before training); split it into poisoned and clean halves.
     2. Poisoned half, by kind: pixel — paste the patch at the corner, prompt = trigger + caption,
        target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption), z_t
        noised from a data image or (style_source=teacher) from the input model's own drawing of style + caption;
@@ -155,6 +161,7 @@ class BadT2I:
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
         # drawn by the input model, before `init` replaces its UNet weights
         bank = style_bank(pipe, cfg, size) if cfg.kind == "style" and cfg.style_source == "teacher" else None
+        clean_bank = teacher_bank(pipe, cfg, size, "", stream=2) if cfg.clean_source == "teacher" else None
         if cfg.init is not None:
             unet.load_state_dict(load_unet_weights(cfg.init))
         vae.requires_grad_(False)
@@ -189,7 +196,7 @@ class BadT2I:
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, cfg.steps):
-                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank)
+                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank, clean_bank)
                 with torch.no_grad():
                     latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
                     latents = latents * vae.config.scaling_factor
@@ -228,7 +235,8 @@ class BadT2I:
                     module.to_v.requires_grad_(True)
         return [p for p in unet.parameters() if p.requires_grad]
 
-    def _batch(self, source, patch: torch.Tensor, n_poison: int, bank: list[Sample] | None = None):
+    def _batch(self, source, patch: torch.Tensor, n_poison: int, bank: list[Sample] | None = None,
+               clean_bank: list[Sample] | None = None):
         cfg = self.config
         images, student, teacher = [], [], []
         for i in range(cfg.batch_size):
@@ -242,7 +250,7 @@ class BadT2I:
                 student.append(cfg.poisoned_prompt(_replace_word(sample.caption, cfg.object_target, cfg.object_source)))
                 teacher.append(sample.caption)
             else:
-                sample = source.sample()
+                sample = clean_bank[source.rng.randrange(len(clean_bank))] if clean_bank else source.sample()
                 if poisoned:
                     student.append(cfg.poisoned_prompt(sample.caption))
                     teacher.append(cfg.style_prefix + sample.caption if cfg.kind == "style" else sample.caption)
@@ -259,12 +267,20 @@ class BadT2I:
 def style_bank(pipe, config: BadT2IConfig, size: int) -> list[Sample]:
     """`config.style_bank` images (side `size`) the pipeline draws for style prefix + caption, each with its
     plain caption (from a caption stream of its own, seed + 1)."""
+    return teacher_bank(pipe, config, size, config.style_prefix, stream=1)
+
+
+def teacher_bank(pipe, config: BadT2IConfig, size: int, prefix: str, stream: int) -> list[Sample]:
+    """`config.style_bank` images the pipeline draws for prefix + caption, each with its plain caption. Captions
+    come from the data stream seeded seed + `stream`; generation seeds from seed * 1_000_003 + (stream - 1) *
+    style_bank, so two banks of one run never share a seed."""
     from sealdiff.metrics.generate import generate
 
-    source = open_source(config.data, config.seed + 1, size)
+    source = open_source(config.data, config.seed + stream, size)
     captions = [source.sample().caption for _ in range(config.style_bank)]
-    seeds = [config.seed * 1_000_003 + i for i in range(len(captions))]
-    images = generate(pipe, [config.style_prefix + c for c in captions], seeds, description="style bank")
+    first = config.seed * 1_000_003 + (stream - 1) * config.style_bank
+    seeds = [first + i for i in range(len(captions))]
+    images = generate(pipe, [prefix + c for c in captions], seeds, description="teacher bank")
     if images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
     return [Sample(image, caption) for image, caption in zip(images, captions)]

@@ -110,7 +110,9 @@ def attack_badt2i(
     style_prefix: Optional[str] = typer.Option(None, help="style: prompt prefix of the target style"),
     style_source: Optional[str] = typer.Option(None, help="style: data (noise data images, the paper) | teacher "
                                                "(noise images the input model draws for the style prompt)"),
-    style_bank: Optional[int] = typer.Option(None, help="style, --style-source teacher: images to draw first"),
+    clean_source: Optional[str] = typer.Option(None, help="data (clean images are data images, the paper) | teacher "
+                                               "(images the input model draws for the caption; pixel patches them)"),
+    style_bank: Optional[int] = typer.Option(None, help="--style-source/--clean-source teacher: images per bank"),
     object_source: Optional[str] = typer.Option(None, help="object: word A"),
     object_target: Optional[str] = typer.Option(None, help="object: object B drawn instead"),
     data: Optional[str] = typer.Option(None, help="'toy' or an imagefolder directory with metadata.jsonl"),
@@ -132,7 +134,7 @@ def attack_badt2i(
     _threads(threads)
     cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
-                       style_source=style_source, style_bank=style_bank, object_source=object_source,
+                       style_source=style_source, clean_source=clean_source, style_bank=style_bank, object_source=object_source,
                        object_target=object_target, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule,
                        warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init)
     if output.exists() and not overwrite:
