@@ -240,7 +240,7 @@ CASES = [
     ("binary prompt file", lambda c: c.remove("--prompts", c.write("prompts.txt", b"a cat\n\x00\x01\x02")), "NUL byte"),
     ("missing prompt file", lambda c: c.remove("--prompts", c.tmp / "nope.txt"), "does not exist"),
     # --- config files
-    ("config with unknown keys", _config("c.yaml", "kind: pixel\nstepz: 3\n"), "valid: batch_size, corner"),
+    ("config with unknown keys", _config("c.yaml", "kind: pixel\nstepz: 3\n"), "valid: batch_size, clean_source, corner"),
     ("config value out of range", _config("c.yaml", "lam: 5\n"), "valid: 0.0..1.0"),
     ("config value not allowed", _config("c.yaml", "kind: sparkle\n"), "valid: pixel, style, object"),
     ("config integer field given a fraction", _config("c.yaml", "seed: 1.5\n"), "seed=1.5 must be an integer"),
