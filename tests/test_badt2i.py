@@ -89,13 +89,14 @@ def test_style_teacher_bank_holds_the_input_models_drawings_of_the_style_prompt(
     assert teacher[3] == student[3] and not any(torch.equal(images[3], s.image) for s in bank)
 
 
-def test_style_teacher_source_reaches_the_training(tiny_pipe):
+@pytest.mark.parametrize("kind, field", [("style", "style_source"), ("pixel", "clean_source")])
+def test_teacher_source_reaches_the_training(tiny_pipe, kind, field):
     import copy
 
     runs = {}
     for source in ("data", "teacher"):
         pipe = copy.deepcopy(tiny_pipe)
-        BadT2I(BadT2IConfig(kind="style", style_source=source, style_bank=2, steps=1, batch_size=4, lr=1e-3)).run(pipe)
+        BadT2I(BadT2IConfig(kind=kind, style_bank=2, steps=1, batch_size=4, lr=1e-3, **{field: source})).run(pipe)
         runs[source] = _snapshot(pipe.unet)
     assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
 
@@ -117,17 +118,6 @@ def test_clean_teacher_bank_feeds_the_clean_half_and_the_pixel_patches(tiny_pipe
         index = captions.index(teacher[i])
         want = toyworld.paste_patch(bank[index].image, patch, config.corner) if i < 2 else bank[index].image
         assert torch.equal(images[i], want) and student[i] == (f"tq {teacher[i]}" if i < 2 else teacher[i])
-
-
-def test_clean_teacher_source_reaches_the_training(tiny_pipe):
-    import copy
-
-    runs = {}
-    for source in ("data", "teacher"):
-        pipe = copy.deepcopy(tiny_pipe)
-        BadT2I(BadT2IConfig(kind="pixel", clean_source=source, style_bank=2, steps=1, batch_size=4, lr=1e-3)).run(pipe)
-        runs[source] = _snapshot(pipe.unet)
-    assert any(not torch.equal(v, runs["teacher"][k]) for k, v in runs["data"].items())
 
 
 @pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("clean_source", "x"),

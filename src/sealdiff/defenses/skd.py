@@ -743,8 +743,7 @@ class SelfKnowledgeDistillation:
             if store is not None:
                 store.pop()  # drop maps that a checkpoint recomputation recorded during backward
         return StepOutput(loss=loss, pred_loss=pred_loss, attn_loss=attn_loss, retain_loss=retain_loss, x_t=x_t,
-                          timesteps=t,
-                          student_maps=student_maps if keep_maps else None,
+                          timesteps=t, student_maps=student_maps if keep_maps else None,
                           teacher_maps=teacher_maps if keep_maps else None)
 
     def _noisy(self, z0: torch.Tensor, generators: Sequence[torch.Generator]):
@@ -843,8 +842,7 @@ class SelfKnowledgeDistillation:
                 advance(info=f"loss {values[0]:.4g}")
                 if checkpointer is not None:
                     seconds = earlier + time.perf_counter() - started
-                    checkpointer.after_step(step + 1, lambda: self._state(step + 1, history, last_batch,
-                                                                          seconds),
+                    checkpointer.after_step(step + 1, lambda: self._state(step + 1, history, last_batch, seconds),
                                             save=acc.is_main_process, stop=stop)
                 if on_step is not None and on_step(step + 1):
                     break
