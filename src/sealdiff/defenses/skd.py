@@ -699,9 +699,10 @@ class SelfKnowledgeDistillation:
         zero = torch.zeros((), device=device)
         teacher_pred = teacher_maps = word_maps = word_positions = None
         if cfg.method != "finetune-reversal":
-            copies = max(1, len(retain_embs))
-            teacher_all, teacher_maps = self._teacher(x_t.repeat(copies, 1, 1, 1), t.repeat(copies),
-                                                      torch.cat(retain_embs or [clean_emb]), cfg.uses_attention)
+            teacher_emb = torch.cat(retain_embs) if retain_embs else clean_emb  # clean rows first either way
+            copies = teacher_emb.shape[0] // batch
+            teacher_all, teacher_maps = self._teacher(x_t.repeat(copies, 1, 1, 1), t.repeat(copies), teacher_emb,
+                                                      cfg.uses_attention)
             teacher_pred, teacher_maps = teacher_all[:batch], _first(teacher_maps, batch)
             if cfg.uses_attention and cfg.target == "random-word":
                 prompts, word_positions = self._word_prompts(idx, seeds)
@@ -710,10 +711,11 @@ class SelfKnowledgeDistillation:
                 _, word_maps = self._teacher(x_t, t, word_emb, True)
         capture = _capture(self._student_attn) if cfg.uses_attention else contextlib.nullcontext(None)
         with capture as store:
-            copies = 1 + len(retain_embs)
+            student_emb = torch.cat([trig_emb, *retain_embs])
+            copies = student_emb.shape[0] // batch
             with acc.autocast():
                 pred_all = self.student(x_t.repeat(copies, 1, 1, 1), t.repeat(copies),
-                                        encoder_hidden_states=torch.cat([trig_emb, *retain_embs])).sample.float()
+                                        encoder_hidden_states=student_emb).sample.float()
             pred = pred_all[:batch]
             student_maps = _first(store.pop(), batch) if store is not None else None
             if student_maps is not None:
