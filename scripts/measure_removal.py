@@ -25,6 +25,7 @@ from sealdiff.io import read_run_info, to_jsonable, versions
 from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, evaluate_backdoor, make_judge
 from sealdiff.metrics.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from sealdiff.metrics.judge import ToyJudge
+from sealdiff.metrics.judges import attribute_hits, paired_drop
 from sealdiff.metrics.utility import ssim
 from sealdiff.models import zoo
 from sealdiff.models.loading import load_t2i
@@ -82,6 +83,8 @@ def main() -> None:
         target, trigger = Target.from_run_info(info), info["attack"]["trigger"]
         backdoored = load_t2i(f"zoo:{name}")
         base, base_images = evaluate_backdoor(backdoored, target, trigger, judge, args.count, **held_out)
+        captions = clean_prompts(target, args.count, held_out["prompt_seed"])
+        base_hits = attribute_hits(judge, base_images["clean"], captions)
         rows[f"{kind}/backdoored"] = to_jsonable(base)
         runs = [(method, recipe) for method in args.methods for recipe in (recipes[:1] if METHODS[method] is None
                                                                            else recipes)]
@@ -105,8 +108,10 @@ def main() -> None:
                                                                  images=images_for_fr)
                 metrics, images = evaluate_backdoor(pipe, target, trigger, judge, args.count, **held_out)
                 drop = max(base.clean_accuracy[k] - metrics.clean_accuracy[k] for k in base.clean_accuracy)
+                hits = attribute_hits(judge, images["clean"], captions)
                 row = {**to_jsonable(metrics), "removal_accuracy": metrics.removal_accuracy,
                        "max_clean_accuracy_drop": drop,
+                       "clean_flips": {k: paired_drop(base_hits[k], hits[k]) for k in hits},
                        "ssim_vs_backdoored_clean": ssim(images["clean"], base_images["clean"]).mean().item(),
                        "train_seconds": result.seconds, "final_loss": result.losses[-1]}
             row["seconds"] = time.time() - start
@@ -119,8 +124,12 @@ def main() -> None:
                         f",retain={recipe['retain_weight']:g}" if "retain_weight" in recipe else "")
             rows[key] = row
             drop, sim = row.get("max_clean_accuracy_drop"), row.get("ssim_vs_backdoored_clean")
+            flips = row.get("clean_flips", {}).get("shape")
             print(f"{key:40s} removal {row['removal_accuracy']:.1%}"
-                  + ("" if drop is None else f"  clean drop {drop * 100:.1f} pt  SSIM {sim:.3f}"), flush=True)
+                  + ("" if drop is None else f"  clean drop {drop * 100:.1f} pt  SSIM {sim:.3f}")
+                  + ("" if flips is None else f"  shape: {flips['lost']} lost / {flips['gained']} gained, "
+                                              f"drop {flips['drop'] * 100:.1f} ± {flips['ci95'] * 100:.1f} pt"),
+                  flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(rows))

@@ -71,11 +71,24 @@ class ObjectJudge:
             return self.classifier(images)["shape"].argmax(-1) == HEADS["shape"].index(self.target)
 
 
-def attribute_accuracy(judge: ToyJudge, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
-    """Share of images whose shape / foreground / background the toy judge reads as the caption says."""
+def attribute_hits(judge: ToyJudge, images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Per image (bool), whether the toy judge reads its shape / foreground / background as the caption says."""
     predicted = judge.predict(images)
     scenes = [toyworld.parse_caption(c) for c in captions]
-    out = {}
-    for attribute in ("shape", "fg", "bg"):
-        out[attribute] = sum(p == getattr(s, attribute) for p, s in zip(predicted[attribute], scenes)) / len(scenes)
-    return out
+    return {attribute: torch.tensor([p == getattr(s, attribute) for p, s in zip(predicted[attribute], scenes)])
+            for attribute in ("shape", "fg", "bg")}
+
+
+def attribute_accuracy(judge: ToyJudge, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Share of images whose shape / foreground / background the toy judge reads as the caption says."""
+    return {attribute: hits.sum().item() / hits.numel() for attribute, hits in attribute_hits(judge, images, captions).items()}
+
+
+def paired_drop(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """The accuracy drop between two judgements of the same prompts (bool per prompt), with the number of
+    prompts that went from right to wrong (`lost`) and back (`gained`), and the half-width of its 95 %
+    normal-approximation interval: only the prompts that flipped carry noise in a paired comparison."""
+    lost, gained, n = int((before & ~after).sum()), int((~before & after).sum()), before.numel()
+    drop = (lost - gained) / n
+    variance = ((lost + gained) / n - drop ** 2) / n
+    return {"drop": drop, "lost": lost, "gained": gained, "ci95": 1.96 * max(variance, 0.0) ** 0.5}
