@@ -19,7 +19,7 @@ from sealdiff.metrics import uncond as metrics
 from sealdiff.models import zoo
 from sealdiff.models.uncond import SAMPLERS, load_uncond
 
-DEFAULT_SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-ve")
+DEFAULT_SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "sde-ve", "sde-ve-predictor")
 AGREEMENT_SAMPLER = {"ddpm": "ddim", "ldm": "ddim", "ncsn": "sde-ve"}  # agreement with the clean base: one sampler
 REFERENCE_SEED = 777_001  # toy renders no zoo model trained on (training pools use seeds < 100)
 
@@ -103,7 +103,7 @@ if not args.table_only:
 
 def markdown(results: dict) -> str:
     """The README tables, generated from the measured results."""
-    samplers = [s for s in ("ddpm", "ddim", "dpm-solver++", "sde-ve") if s in results["config"]["samplers"]]
+    samplers = [s for s in DEFAULT_SAMPLERS if s in results["config"]["samplers"]]
     lines = ["| model | kind | backdoor | " + " | ".join(f"ASR {s}" for s in samplers) + " | false trigger | "
              "agreement with base (MSE / SSIM) |", "|---" * (5 + len(samplers)) + "|"]
     quality = ["| model | " + " | ".join(f"toy-like / toy FID, {s}" for s in samplers) + " |",

@@ -146,17 +146,20 @@ def test_sampling_loop_matches_the_stock_pipeline(models, sampler):
     assert abs(ours - stock).max() < 1e-5
 
 
-def test_sde_ve_loop_matches_the_stock_pipeline(models):
+@pytest.mark.parametrize("sampler,corrector_steps", [("sde-ve", 1), ("sde-ve-predictor", 0)])
+def test_sde_ve_loop_matches_the_stock_pipeline(models, sampler, corrector_steps):
     from diffusers import ScoreSdeVePipeline
 
     model = models["ncsn"]
-    pipe = ScoreSdeVePipeline(unet=model.unet, scheduler=uncond.make_scheduler(model, "sde-ve"))
+    scheduler = uncond.make_scheduler(model, sampler)
+    assert scheduler.config.correct_steps == corrector_steps
+    pipe = ScoreSdeVePipeline(unet=model.unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     stock = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=3,
                  output_type="np").images
     generator = torch.Generator().manual_seed(4)
     noise = torch.randn((2, *model.sample_shape), generator=generator) * model.sigma_max
-    ours = sample(model, noise, "sde-ve", steps=3, generator=generator)
+    ours = sample(model, noise, sampler, steps=3, generator=generator)
     ours = ((ours + 1) / 2).permute(0, 2, 3, 1).numpy()
     assert abs(ours - stock).max() < 1e-5
 

@@ -41,14 +41,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ModelKind = Literal["ddpm", "ncsn", "ldm"]
-Sampler = Literal["ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun", "sde-ve"]
+Sampler = Literal["ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun", "sde-ve", "sde-ve-predictor"]
 
 # samplers that apply to each kind (ε-prediction models take every VP sampler; the VE score model its SDE)
 SAMPLERS: dict[str, tuple[str, ...]] = {
     "ddpm": ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun"),
     "ldm": ("ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun"),
-    "ncsn": ("sde-ve",),
+    "ncsn": ("sde-ve", "sde-ve-predictor"),
 }
+# VE samplers: the stock predictor-corrector (reverse-diffusion predictor + Langevin corrector, as configured), and
+# the predictor alone (the reverse SDE itself; the corrector treats the model's output as the exact score)
+VE_SAMPLERS = ("sde-ve", "sde-ve-predictor")
 # samplers that are deterministic given x_T (ODE solvers)
 ODE_SAMPLERS = ("ddim", "dpm-solver++", "unipc", "euler", "heun")
 PIPELINE_CLASS = {"ddpm": "DDPMPipeline", "ncsn": "ScoreSdeVePipeline", "ldm": "LDMPipeline"}
@@ -338,8 +341,9 @@ def make_scheduler(model: UncondModel, sampler: Sampler):
     # `_use_default_values` would make from_config drop those keys, and the new class would use ITS defaults
     # (HeunDiscreteScheduler's betas are Stable Diffusion's, not the model's): pass every value explicitly
     config = {k: v for k, v in model.scheduler.config.items() if k != "_use_default_values"}
-    if sampler == "sde-ve":
-        return diffusers.ScoreSdeVeScheduler.from_config(config)
+    if sampler in VE_SAMPLERS:
+        return diffusers.ScoreSdeVeScheduler.from_config(config, **({"correct_steps": 0} if sampler == "sde-ve-predictor"
+                                                                  else {}))
     classes = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler,
                "dpm-solver++": diffusers.DPMSolverMultistepScheduler, "unipc": diffusers.UniPCMultistepScheduler,
                "euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler}
@@ -381,7 +385,7 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
     """Images in [-1, 1], (B, 3, H, W), generated from the given x_T `noise` with `steps` sampler steps.
 
     `noise` is x_T in the model's prior scale (unit variance for ddpm/ldm; σ_max for ncsn: the caller
-    stamps the trigger into it). Stochastic samplers (ddpm, sde-ve) draw their step noise from `generator`.
+    stamps the trigger into it). Stochastic samplers (ddpm, sde-ve*) draw their step noise from `generator`.
     Euler/Heun work in σ-space: x_T is multiplied by the scheduler's `init_noise_sigma` and the UNet's
     input goes through `scale_model_input`, exactly as their stock pipelines do.
 
@@ -399,7 +403,7 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     x = noise.to(device, dtype)
     batch = x.shape[0]
-    if sampler == "sde-ve":
+    if sampler in VE_SAMPLERS:
         scheduler.set_timesteps(steps)
         scheduler.set_sigmas(steps)
         x_mean = x
