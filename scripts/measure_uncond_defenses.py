@@ -73,7 +73,7 @@ log.info("zoo: %d clean %s, %d backdoored %s", len(clean_names), clean_names, le
 
 
 def samplers_of(model) -> list[str]:
-    return ["sde-ve"] if model.kind == "ncsn" else ["ddpm", "ddim"]
+    return ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
 
 
 def asr(model, name: str, sampler: str, trigger: torch.Tensor | None = None) -> float:

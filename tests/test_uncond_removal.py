@@ -165,3 +165,15 @@ def test_cli_remove_unknown_method_lists_both_families(tmp_path, capsys):
     err = capsys.readouterr().err
     _one_line(code, err)
     assert "skd-cag" in err and "diff-cleanse" in err
+
+
+@pytest.mark.parametrize("kind,attack,config,sampler", [
+    ("ncsn", {"method": "villandiffusion"}, {"solver": "sde"}, "sde-ve-predictor"),  # the reverse SDE, no corrector
+    ("ddpm", {"method": "villandiffusion"}, {"solver": "ode"}, "ddim"),
+    ("ddpm", {"method": "baddiffusion"}, None, "ddpm"),
+    ("ldm", {"method": "villandiffusion", "solver": "sde"}, None, "ddpm"),
+])
+def test_measurements_use_the_sampler_the_attack_targets(kind, attack, config, sampler):
+    from sealdiff.cli.remove_uncond import attack_sampler
+
+    assert attack_sampler(kind, attack, config) == sampler

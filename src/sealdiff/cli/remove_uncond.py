@@ -22,10 +22,11 @@ MEASURE_STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler
 
 
 def attack_sampler(kind: str, attack: dict | None, config: dict | None = None) -> str:
-    """The sampler a recorded attack targets: sde-ve for ncsn, ddim for VillanDiffusion's ODE variant, ddpm otherwise
-    (`attack` and `config` as the attack's sealdiff.json records them)."""
+    """The sampler a recorded attack targets: the reverse SDE (sde-ve-predictor) for ncsn -- VillanDiffusion's VE
+    target is derived for it, and a Langevin corrector undoes it (README) --, ddim for VillanDiffusion's ODE
+    variant, ddpm otherwise (`attack` and `config` as the attack's sealdiff.json records them)."""
     if kind == "ncsn":
-        return "sde-ve"
+        return "sde-ve-predictor"
     solver = (attack or {}).get("solver") or (config or {}).get("solver")
     if (attack or {}).get("method") == "villandiffusion" and solver == "ode":
         return "ddim"

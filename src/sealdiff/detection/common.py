@@ -164,14 +164,15 @@ def default_sampler(model) -> str:
 
 def detection_samplers(model, samplers: tuple[str, ...] | None) -> tuple[str, ...]:
     """The stock samplers detection samples are drawn with: both families for VP models (an SDE backdoor such as
-    BadDiffusion shows only under the ancestral sampler, an ODE backdoor only under DDIM), sde-ve for VE."""
+    BadDiffusion shows only under the ancestral sampler, an ODE backdoor only under DDIM); for VE the
+    predictor-corrector and the predictor alone (a Langevin corrector undoes a VillanDiffusion backdoor)."""
     if samplers:
         from sealdiff.models.uncond import check_sampler
 
         for sampler in samplers:
             check_sampler(model.kind, sampler)
         return tuple(samplers)
-    return ("sde-ve",) if model.kind == "ncsn" else ("ddpm", "ddim")
+    return ("sde-ve", "sde-ve-predictor") if model.kind == "ncsn" else ("ddpm", "ddim")
 
 
 def generate(model, x_T: torch.Tensor, sampler: str | None = None, steps: int = 10,
