@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--trainable", choices=["full", "attn2-kv", "lora"], default=RECIPE["trainable"])
     parser.add_argument("--retain-weight", type=float, default=0.0,
                         help="SKDConfig.retain_weight (clean and empty prompts kept close to the teacher); 0 = off")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="train with an EMA of the weights at this decay (SKDConfig.ema); 0 = off")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 each when two runs share 2 cores)")
     parser.add_argument("--validation", action="store_true",
                         help="measure on the validation captions and seeds (for choosing a recipe), not the evaluation ones")
@@ -66,8 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.out is None:
         args.out = Path("benchmarks/results", "removal_validation.json" if args.validation else "removal.json")
-    retain = {"retain_weight": args.retain_weight} if args.retain_weight else {}
-    recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable, **retain}
+    options = {"retain_weight": args.retain_weight} if args.retain_weight else {}
+    if args.ema_decay:
+        options.update(ema=True, ema_decay=args.ema_decay)
+    recipes = [{**RECIPE, "steps": steps, "lr": args.lr, "trainable": args.trainable, **options}
                for steps in args.steps]
     held_out = VALIDATION if args.validation else {"prompt_seed": toyworld.EVAL_SEED, "seed": EVAL_SEED}
     quiet_libraries()
@@ -121,7 +125,8 @@ def main() -> None:
                 if recipe != RECIPE:
                     key += f"@steps={recipe['steps']},lr={recipe['lr']:g}" + (
                         "" if recipe["trainable"] == RECIPE["trainable"] else f",trainable={recipe['trainable']}") + (
-                        f",retain={recipe['retain_weight']:g}" if "retain_weight" in recipe else "")
+                        f",retain={recipe['retain_weight']:g}" if "retain_weight" in recipe else "") + (
+                        f",ema={recipe['ema_decay']:g}" if recipe.get("ema") else "")
             rows[key] = row
             drop, sim = row.get("max_clean_accuracy_drop"), row.get("ssim_vs_backdoored_clean")
             flips = row.get("clean_flips", {}).get("shape")

@@ -14,7 +14,6 @@ from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
 
-# sampler steps of the before/after measurement (the values scripts/measure_uncond_zoo.py uses)
 # sampler steps of every attack-success / quality measurement; the VE predictor-corrector sampler needs more
 # (the clean NCSN zoo model: 2 % toy-like samples at 50 steps, 23 % at 200)
 MEASURE_STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler": 20, "heun": 20, "sde-ve": 200,

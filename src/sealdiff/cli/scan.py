@@ -24,7 +24,8 @@ def scan(
     method: str = typer.Option("elijah", help="elijah | diff-cleanse | diffdefend"),
     threshold: Optional[float] = typer.Option(None, help="decision threshold of the method's score"),
     sampler: Optional[str] = typer.Option(None, help="elijah / diffdefend: the one stock sampler of the detection "
-                                                     "samples (default: ddpm and ddim; sde-ve and sde-ve-predictor for ncsn)"),
+                                                     "samples (default: ddpm and ddim; sde-ve and "
+                                                     "sde-ve-predictor for ncsn)"),
     epochs: Optional[int] = typer.Option(None, help="optimisation steps of the inversion"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,

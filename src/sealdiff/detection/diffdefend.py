@@ -52,7 +52,8 @@ class DiffDefendConfig:
     bank_steps: int = help_field("sampler steps of the data-free x̂0 bank", default=5)
     samples: int = help_field("images generated from ε+τ for the detector", default=16)
     samplers: tuple[str, ...] | None = help_field("stock samplers of the detection samples (the highest collapse "
-                                                  "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for ncsn)", default=None)
+                                                  "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for "
+                                                  "ncsn)", default=None)
     sample_steps: int = help_field("sampler steps for the detection samples", default=20)
     tv_weight: float = help_field("w_tv of the total-variation term of the dual-modal score", default=1.0)
     threshold: float = help_field("backdoored when the dual-modal score ≥ threshold (fit it on labelled models)",

@@ -41,7 +41,8 @@ class ElijahConfig:
     lr: float = help_field("Adam learning rate of the inversion (paper: 0.1)", default=0.1)
     samples: int = help_field("images generated from ε+τ for uniformity / TV (paper: 16)", default=16)
     samplers: tuple[str, ...] | None = help_field("stock samplers of the detection samples (the highest collapse "
-                                                  "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for ncsn)", default=None)
+                                                  "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for "
+                                                  "ncsn)", default=None)
     sample_steps: int = help_field("sampler steps for the detection samples", default=20)
     trim: float = help_field("fraction trimmed at each end in the uniformity statistic (Elijah: 4 of 16)",
                              default=0.25)

@@ -342,8 +342,8 @@ def make_scheduler(model: UncondModel, sampler: Sampler):
     # (HeunDiscreteScheduler's betas are Stable Diffusion's, not the model's): pass every value explicitly
     config = {k: v for k, v in model.scheduler.config.items() if k != "_use_default_values"}
     if sampler in VE_SAMPLERS:
-        return diffusers.ScoreSdeVeScheduler.from_config(config, **({"correct_steps": 0} if sampler == "sde-ve-predictor"
-                                                                  else {}))
+        predictor_only = {"correct_steps": 0} if sampler == "sde-ve-predictor" else {}
+        return diffusers.ScoreSdeVeScheduler.from_config(config, **predictor_only)
     classes = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler,
                "dpm-solver++": diffusers.DPMSolverMultistepScheduler, "unipc": diffusers.UniPCMultistepScheduler,
                "euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler}
