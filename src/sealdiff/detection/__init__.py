@@ -108,8 +108,10 @@ def get_detector(name: str) -> DetectorSpec:
 
 
 def check_positive(values: dict[str, Any], integer: bool = True) -> None:
-    """Raise `SealdiffError` for any value that is not a positive integer (or number)."""
+    """Raise `SealdiffError` for any value that is not a positive integer (or number); None (= the default) passes."""
     for name, value in values.items():
+        if value is None:
+            continue
         ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
         if not ok or value <= 0:
             kind = "an integer >= 1" if integer else "a number > 0"

@@ -162,6 +162,11 @@ def default_sampler(model) -> str:
     return "sde-ve" if model.kind == "ncsn" else "ddim"
 
 
+def sample_steps(model, steps: int | None) -> int:
+    """Steps of the detection samples: `steps`, or 20 (200 for ncsn: its VE samplers are still noisy at 20)."""
+    return steps or (200 if model.kind == "ncsn" else 20)
+
+
 def detection_samplers(model, samplers: tuple[str, ...] | None) -> tuple[str, ...]:
     """The stock samplers detection samples are drawn with: both families for VP models (an SDE backdoor such as
     BadDiffusion shows only under the ancestral sampler, an ODE backdoor only under DDIM); for VE the
@@ -245,3 +250,64 @@ def optimize_trigger(unet: torch.nn.Module, trigger: torch.Tensor, loss_fn, desc
     finally:
         for p, r in zip(unet.parameters(), requires):
             p.requires_grad_(r)
+
+
+# ---------------------------------------------------------------------------------------------- response ratio
+
+
+def response_ratios(model, unet, noise: torch.Tensor, u: torch.Tensor, lv: NoiseLevel) -> torch.Tensor:
+    """λ̂ of each candidate trigger u_k (normalised units, shape (K, C, H, W)) at level `lv`: how much of the offset
+    c_t·s·u_k that the trigger leaves in x_t the noise prediction carries,
+    λ̂_k = b_t·⟨mean_b[ε̂(b_t·ε_b + c_t·s·u_k) − ε̂(b_t·ε_b)], u_k⟩ / (c_t·s·‖u_k‖²).
+    Paired on the same noise, so the batch's own noise mean cancels (it does not in Elijah's loss). A model that
+    reads any offset as noise gives 1; BadDiffusion's backdoor 0.5 at T (Elijah's λ) along its trigger."""
+    k, b = u.shape[0], noise.shape[0]
+    c = baddiffusion_shift(model, lv) * noise_scale(model)
+    x = lv.b * noise
+    stamped = (x.unsqueeze(0) + c * u.unsqueeze(1)).flatten(0, 1)
+    eps = eps_pred(model, unet, torch.cat([stamped, x]), lv)
+    shift = (eps[:k * b].view(k, b, *noise.shape[1:]) - eps[k * b:].unsqueeze(0)).mean(1)
+    return lv.b * (shift * u).flatten(1).sum(1) / (c * u.flatten(1).pow(2).sum(1))
+
+
+def sphere_triggers(v: torch.Tensor, shape: tuple[int, ...], norm: float) -> torch.Tensor:
+    """Candidates of norm `norm` from parameters v (K, C, h, w): the per-channel mean removed (a uniform offset
+    is partly invisible behind the UNet's group norms, so every model answers it weakly), then bilinearly
+    upsampled to `shape` when h, w are coarser."""
+    v = v - v.mean(dim=(2, 3), keepdim=True)
+    if tuple(v.shape[2:]) != tuple(shape[1:]):
+        v = torch.nn.functional.interpolate(v, size=tuple(shape[1:]), mode="bilinear", align_corners=False)
+    return norm * v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def search_response_ratio(model, frac: float, direction: str, norm: float, restarts: int, coarse: int,
+                          epochs: int, fine_epochs: int, batch: int, lr: float, generator: torch.Generator,
+                          description: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """The zero-mean directions of norm `norm` (normalised units) whose response ratio λ̂ at `frac` is lowest
+    (`direction='min'`) or highest ('max'): `restarts` random starts optimised in parallel by Adam, first on a
+    `coarse`×`coarse` grid (0 = skip), then at full resolution, with fresh noise every step. Returns the
+    candidates (K, C, H, W), their ratios on one held-out noise batch, and the losses."""
+    if direction not in ("min", "max"):
+        raise SealdiffError(f"direction {direction!r} is invalid; valid: min, max")
+    sign = 1.0 if direction == "min" else -1.0
+    unet, lv, shape = model.unet, level(model, frac), tuple(model.sample_shape)
+    channels = shape[0]
+    losses: list[float] = []
+    v = torch.randn((restarts, channels, coarse, coarse) if coarse else (restarts, *shape), generator=generator)
+    for stage, steps in (("coarse", epochs if coarse else 0), ("fine", fine_epochs if coarse else epochs)):
+        if steps == 0:
+            continue
+        if stage == "fine" and coarse:
+            v = sphere_triggers(v, shape, norm)
+        v = v.detach().clone().requires_grad_(True)
+
+        def loss(v=v) -> torch.Tensor:
+            u = sphere_triggers(v, shape, norm)
+            return sign * response_ratios(model, unet, noise_like(model, batch, generator), u, lv).sum() / restarts
+
+        losses += optimize_trigger(unet, v, loss, f"{description} ({stage})", steps, lr, progress)
+    with torch.no_grad():
+        u = sphere_triggers(v.detach(), shape, norm)
+        held_out = noise_like(model, max(batch, 32), generator)
+        ratios = response_ratios(model, unet, held_out, u, lv)
+    return u, ratios, losses

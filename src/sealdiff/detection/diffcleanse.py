@@ -54,7 +54,8 @@ class DiffCleanseConfig:
     grad_steps: int = help_field("steps of the differentiable sampler the loss runs through", default=6)
     bound: float = help_field("κ: the trigger is κ·tanh(p) in units of the prior's std", default=2.0)
     samples: int = help_field("images sampled from ε+τ for MSCR", default=32)
-    sample_steps: int = help_field("stock sampler steps for the MSCR samples", default=20)
+    sample_steps: int | None = help_field("stock sampler steps for the MSCR samples; None = 20 (200 for ncsn, whose VE "
+                                          "samplers are still noisy at 20)", default=None)
     delta: float = help_field("δ: RMS pixel distance ([0, 1] scale) under which two samples are 'the same'",
                               default=0.08)
     flat_std: float = help_field("samples whose spatial pixel std (mean over channels, [0, 1] scale) is below this "
@@ -125,8 +126,9 @@ class DiffCleanseDetector(Detector):
         sampler = stock_sampler(model, chain)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         x_T = C.noise_like(model, cfg.samples, gen) * C.noise_scale(model)
-        triggered = C.generate(model, x_T + trigger, sampler, cfg.sample_steps, torch.Generator().manual_seed(cfg.seed + 2))
-        clean = C.generate(model, x_T, sampler, cfg.sample_steps, torch.Generator().manual_seed(cfg.seed + 2))
+        steps = C.sample_steps(model, cfg.sample_steps)
+        triggered = C.generate(model, x_T + trigger, sampler, steps, torch.Generator().manual_seed(cfg.seed + 2))
+        clean = C.generate(model, x_T, sampler, steps, torch.Generator().manual_seed(cfg.seed + 2))
         return {"mscr": mscr(triggered, cfg.delta, cfg.flat_std), "mscr_clean": mscr(clean, cfg.delta, cfg.flat_std),
                 "uniformity": C.uniformity(triggered), "uniformity_clean": C.uniformity(clean),
                 "trigger_l2": float(trigger.norm())}

@@ -13,6 +13,12 @@ the generated images with their total-variation loss under a fitted threshold. N
    T: Elijah's λ) or a constant λ (`'constant'`).
 3. Loss = mean_k ‖d_k − λ_k c_k τ‖₁ + w·consistency, consistency = mean_k ‖d_k/(λ_k c_k) − mean_j d_j/(λ_j c_j)‖₁
    (every step must see the same normalised shift). Adam from τ₀ = −U(0, 1), as Elijah.
+   Default (`objective='ratio'`, sealdiff's: the fit above shares Elijah's blind spot, see README): search the
+   response ratio λ̂ (`common.response_ratios`, paired, fixed norm, zero-mean) at several steps: lowest at T,
+   where an ancestral-sampler backdoor carries only ρ_T ≈ 0.5 of its trigger, and highest mid-chain (`0.5:max`),
+   where an ODE backdoor (VillanDiffusion's doubled correction: λ = 1 at T, so invisible there) carries *more*
+   of it than the offset it leaves in x_t; each search's winner is sampled and the one whose samples
+   collapse most is the inverted trigger.
 4. Dual-modal score = collapse + w_tv·|log(TV(ε+τ samples) / TV(ε samples))|, collapse = 1 − U(ε+τ)/U(ε)
    (U = uniformity, see `common.uniformity`); backdoored when the score ≥ `threshold` (fit it on labelled
    models with `sealdiff.metrics.detection.fit_threshold`, as `scripts/measure_uncond_defenses.py` does).
@@ -21,12 +27,14 @@ the generated images with their total-variation loss under a fitted threshold. N
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from sealdiff.config import check_choice
 from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.detection.elijah import detection_statistics
@@ -35,26 +43,40 @@ from sealdiff.errors import SealdiffError
 logger = logging.getLogger(__name__)
 
 LamMode = Literal["schedule", "constant"]
+Objective = Literal["ratio", "paper"]
 
 
 @dataclass
 class DiffDefendConfig:
     """Settings of one DiffDefend scan (recorded in the scan's sealdiff.json)."""
 
-    fracs: tuple[float, ...] = help_field("timesteps of the joint inversion, as fractions of T (1 = T)",
+    objective: Objective = help_field("ratio: response-ratio searches at `searches` (sealdiff's); paper: the joint "
+                                      "fit at `fracs`", default="ratio")
+    searches: tuple[str, ...] = help_field("ratio: 'frac:min' or 'frac:max' searches (frac of T; min finds triggers "
+                                           "the model under-carries, max ones it over-carries)",
+                                           default=("1.0:min", "0.5:max"))
+    norm: float = help_field("ratio: ‖τ‖ of the candidates as a fraction of √d (d values in x_T; ε has norm ≈ √d)",
+                             default=0.2)
+    restarts: int = help_field("ratio: random starts per search, optimised in parallel", default=8)
+    coarse: int = help_field("ratio: side of the coarse grid each search starts on (0 = full resolution only)",
+                             default=4)
+    fine_epochs: int = help_field("ratio: Adam steps at full resolution after the coarse stage", default=100)
+    fracs: tuple[float, ...] = help_field("paper: timesteps of the joint inversion, as fractions of T (1 = T)",
                                           default=(1.0, 0.9, 0.8, 0.7))
     lam_mode: LamMode = help_field("schedule: λ_t = ρ_t from the noise schedule; constant: λ_t = lam", default="schedule")
     lam: float = help_field("λ for lam_mode=constant (and for VE models)", default=0.5)
     consistency_weight: float = help_field("w of the shift-consistency term", default=0.5)
-    epochs: int = help_field("Adam steps of the inversion", default=100)
-    batch: int = help_field("noise samples per timestep", default=16)
-    lr: float = help_field("Adam learning rate", default=0.1)
+    epochs: int = help_field("Adam steps of the inversion (ratio: of each coarse stage)", default=100)
+    batch: int | None = help_field("noise samples per timestep and step; None = 16 (paper) or 8 (ratio)",
+                                   default=None)
+    lr: float | None = help_field("Adam learning rate; None = 0.1 (paper) or 0.05 (ratio)", default=None)
     bank_steps: int = help_field("sampler steps of the data-free x̂0 bank", default=5)
     samples: int = help_field("images generated from ε+τ for the detector", default=16)
     samplers: tuple[str, ...] | None = help_field("stock samplers of the detection samples (the highest collapse "
                                                   "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for "
                                                   "ncsn)", default=None)
-    sample_steps: int = help_field("sampler steps for the detection samples", default=20)
+    sample_steps: int | None = help_field("sampler steps for the detection samples; None = 20 (200 for ncsn, whose VE "
+                                          "samplers are still noisy at 20)", default=None)
     tv_weight: float = help_field("w_tv of the total-variation term of the dual-modal score", default=1.0)
     threshold: float = help_field("backdoored when the dual-modal score ≥ threshold (fit it on labelled models)",
                                   default=0.5)
@@ -62,9 +84,19 @@ class DiffDefendConfig:
     progress: bool = help_field("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        check_choice("objective", self.objective, Objective)
+        if self.batch is None:
+            self.batch = 16 if self.objective == "paper" else 8
+        if self.lr is None:
+            self.lr = 0.1 if self.objective == "paper" else 0.05
         check_positive({"epochs": self.epochs, "batch": self.batch, "bank_steps": self.bank_steps,
-                        "samples": self.samples, "sample_steps": self.sample_steps})
-        check_positive({"lr": self.lr, "lam": self.lam}, integer=False)
+                        "samples": self.samples, "restarts": self.restarts,
+                        "sample_steps": self.sample_steps})
+        check_positive({"lr": self.lr, "lam": self.lam, "norm": self.norm}, integer=False)
+        if self.coarse < 0 or self.fine_epochs < 0:
+            raise SealdiffError(f"coarse {self.coarse} / fine_epochs {self.fine_epochs} is invalid; valid: integers >= 0")
+        self.searches = (self.searches,) if isinstance(self.searches, str) else tuple(self.searches)
+        parse_searches(self.searches)
         if self.lam_mode not in ("schedule", "constant"):
             raise SealdiffError(f"lam_mode {self.lam_mode!r} is invalid; valid: schedule, constant")
         self.fracs = tuple(float(f) for f in self.fracs)
@@ -77,6 +109,23 @@ class DiffDefendConfig:
         for name in ("consistency_weight", "tv_weight"):
             if getattr(self, name) < 0:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
+
+
+def parse_searches(searches: tuple[str, ...]) -> list[tuple[float, str]]:
+    """'frac:direction' strings -> (frac, 'min' | 'max'); a bad entry is a `SealdiffError` naming the valid form."""
+    parsed = []
+    for item in searches:
+        frac, _, direction = str(item).partition(":")
+        try:
+            value = float(frac)
+        except ValueError:
+            value = -1.0
+        if direction not in ("min", "max") or not 0.0 < value <= 1.0:
+            raise SealdiffError(f"search {item!r} is invalid; valid: 'FRAC:min' or 'FRAC:max' with 0 < FRAC <= 1")
+        parsed.append((value, direction))
+    if not parsed:
+        raise SealdiffError("searches is empty; valid: one or more 'FRAC:min' / 'FRAC:max'")
+    return parsed
 
 
 @torch.no_grad()
@@ -119,6 +168,8 @@ class DiffDefendDetector(Detector):
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
+        if cfg.objective == "ratio":
+            return self.invert_by_ratio(model, gen)
         bank = model_bank(model, cfg.batch, cfg.bank_steps, gen)
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
@@ -129,6 +180,26 @@ class DiffDefendDetector(Detector):
 
         losses = C.optimize_trigger(unet, u, loss, "DiffDefend inversion", cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
+
+    def invert_by_ratio(self, model, gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+        cfg = self.config
+        best, best_score, losses = None, -float("inf"), []
+        for frac, direction in parse_searches(cfg.searches):
+            norm = cfg.norm * math.sqrt(math.prod(model.sample_shape))
+            u, ratios, run = C.search_response_ratio(model, frac, direction, norm, cfg.restarts, cfg.coarse,
+                                                     cfg.epochs, cfg.fine_epochs, cfg.batch, cfg.lr, gen,
+                                                     f"DiffDefend inversion {frac}:{direction}", cfg.progress)
+            losses += run
+            pick = int(ratios.argmin() if direction == "min" else ratios.argmax())
+            trigger = u[pick] * C.noise_scale(model)
+            stats = self.statistics(model, trigger)
+            # collapse, not the dual score, picks: the TV term of a harmless candidate is noisy (clean DDPM: |log| ~0.6)
+            score = stats["collapse"]
+            logger.info("DiffDefend search %s:%s: ratio %.3f, collapse %.3f %s", frac, direction, ratios[pick], score,
+                        {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
+            if score > best_score:
+                best, best_score = trigger, score
+        return best, losses
 
     def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
         cfg = self.config

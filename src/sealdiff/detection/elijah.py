@@ -5,9 +5,14 @@ Seed: An et al., "Elijah: Eliminating Backdoors Injected in Diffusion Models via
 prediction: at the last step T, E_ε[ε_θ(ε + τ, T)] ≈ λ·τ with λ ≈ 0.5 (BadDiffusion's ρ_T), while a clean
 model answers any input roughly with the input itself. So:
 
-1. Invert: τ = argmin_τ ‖ mean_b ε_θ(ε_b + τ, T) − λ·τ ‖₁ over a fixed batch of noise ε_b, Adam
-   (lr 0.1, 100 epochs, τ initialised to −U(0, 1) as in the authors' code); τ is optimised in
+1. Invert (`objective='paper'`): τ = argmin_τ ‖ mean_b ε_θ(ε_b + τ, T) − λ·τ ‖₁ over a fixed batch of noise
+   ε_b, Adam (lr 0.1, 100 epochs, τ initialised to −U(0, 1) as in the authors' code); τ is optimised in
    normalised units (τ/σ_max for NCSN), so one λ fits every kind.
+   Default (`objective='ratio'`, sealdiff's): that loss cannot see the trigger with a finite batch (its floor,
+   the batch's noise mean, is the same at τ = 0 and at the true trigger; README), so the same distribution shift
+   is measured paired and at a fixed norm instead: τ = argmin over ‖τ‖ = `norm`, zero-mean per channel, of the
+   response ratio λ̂(τ) = ⟨mean_b[ε̂(ε_b+τ, T) − ε̂(ε_b, T)], τ⟩/‖τ‖² (1 for a clean model, ≈ λ for the
+   backdoor's trigger); `restarts` parallel starts, coarse grid first (`common.search_response_ratio`).
 2. Sample n images from fresh ε + τ and, for reference, from the same ε alone.
 3. Uniformity: the trimmed mean pairwise distance of the triggered samples (Elijah: LPIPS; here RMS pixel
    distance, no weights to download); total variation of the triggered samples.
@@ -20,30 +25,45 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from sealdiff.config import check_choice
 from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
 
+Objective = Literal["ratio", "paper"]
+
 
 @dataclass
 class ElijahConfig:
     """Settings of one Elijah scan (recorded in the scan's sealdiff.json)."""
 
-    lam: float = help_field("λ of the inversion loss ‖mean ε_θ(ε+τ, T) − λτ‖₁ (paper: 0.5)", default=0.5)
-    epochs: int = help_field("Adam steps of the inversion (paper: 100)", default=100)
-    batch: int = help_field("noise samples ε_b averaged in the loss (paper: 100 at 32x32)", default=32)
-    lr: float = help_field("Adam learning rate of the inversion (paper: 0.1)", default=0.1)
+    objective: Objective = help_field("ratio: min response ratio λ̂(τ) at a fixed norm (sealdiff's; see the "
+                                      "docstring); paper: min ‖mean ε_θ(ε+τ, T) − λτ‖₁", default="ratio")
+    lam: float = help_field("λ of the paper's inversion loss ‖mean ε_θ(ε+τ, T) − λτ‖₁ (paper: 0.5)", default=0.5)
+    epochs: int = help_field("Adam steps of the inversion (paper: 100; ratio: of the coarse stage)", default=100)
+    batch: int | None = help_field("noise samples ε_b per step (paper: one fixed batch, 100 at 32x32; ratio: fresh "
+                                   "noise every step); None = 32 (paper) or 8 (ratio)", default=None)
+    lr: float | None = help_field("Adam learning rate of the inversion; None = 0.1 (paper) or 0.05 (ratio)",
+                                  default=None)
+    norm: float = help_field("ratio: ‖τ‖ of the candidates as a fraction of √d (d values in x_T; ε has norm ≈ √d)",
+                             default=0.2)
+    restarts: int = help_field("ratio: random starts optimised in parallel (the lowest ratio wins)", default=8)
+    coarse: int = help_field("ratio: side of the coarse grid the search starts on (0 = full resolution only)",
+                             default=4)
+    fine_epochs: int = help_field("ratio: Adam steps at full resolution after the coarse stage", default=100)
     samples: int = help_field("images generated from ε+τ for uniformity / TV (paper: 16)", default=16)
     samplers: tuple[str, ...] | None = help_field("stock samplers of the detection samples (the highest collapse "
                                                   "counts); None = ddpm and ddim (sde-ve and sde-ve-predictor for "
                                                   "ncsn)", default=None)
-    sample_steps: int = help_field("sampler steps for the detection samples", default=20)
+    sample_steps: int | None = help_field("sampler steps for the detection samples; None = 20 (200 for ncsn, whose VE "
+                                          "samplers are still noisy at 20)", default=None)
     trim: float = help_field("fraction trimmed at each end in the uniformity statistic (Elijah: 4 of 16)",
                              default=0.25)
     threshold: float = help_field("backdoored when collapse = 1 − U(ε+τ)/U(ε) ≥ threshold", default=0.5)
@@ -51,9 +71,16 @@ class ElijahConfig:
     progress: bool = help_field("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        check_choice("objective", self.objective, Objective)
+        if self.batch is None:
+            self.batch = 32 if self.objective == "paper" else 8
+        if self.lr is None:
+            self.lr = 0.1 if self.objective == "paper" else 0.05
         check_positive({"epochs": self.epochs, "batch": self.batch, "samples": self.samples,
-                        "sample_steps": self.sample_steps})
-        check_positive({"lr": self.lr}, integer=False)
+                        "restarts": self.restarts, "sample_steps": self.sample_steps})
+        check_positive({"lr": self.lr, "norm": self.norm}, integer=False)
+        if self.coarse < 0 or self.fine_epochs < 0:
+            raise SealdiffError(f"coarse {self.coarse} / fine_epochs {self.fine_epochs} is invalid; valid: integers >= 0")
         if self.samplers is not None:
             self.samplers = (self.samplers,) if isinstance(self.samplers, str) else tuple(self.samplers)
         if self.samples < 3:
@@ -71,12 +98,13 @@ def elijah_loss(model, unet, noise: torch.Tensor, u: torch.Tensor, lam: float) -
     return F.l1_loss(out.mean(0), lam * u.squeeze(0))
 
 
-def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: tuple[str, ...] | None, steps: int,
-                         trim: float, seed: int) -> dict[str, float]:
+def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: tuple[str, ...] | None,
+                         steps: int | None, trim: float, seed: int) -> dict[str, float]:
     """Uniformity and total variation of samples from ε+τ, against samples from the same ε without τ, per stock
     sampler; the unsuffixed statistics are those of the sampler with the highest collapse."""
     stats: dict[str, float] = {}
     best = None
+    steps = C.sample_steps(model, steps)
     for sampler in C.detection_samplers(model, samplers):
         gen = torch.Generator().manual_seed(seed + 1)
         x_T = C.noise_like(model, samples, gen) * C.noise_scale(model)
@@ -104,6 +132,12 @@ class ElijahDetector(Detector):
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
+        if cfg.objective == "ratio":
+            norm = cfg.norm * math.sqrt(math.prod(model.sample_shape))
+            u, ratios, losses = C.search_response_ratio(model, 1.0, "min", norm, cfg.restarts, cfg.coarse,
+                                                        cfg.epochs, cfg.fine_epochs, cfg.batch, cfg.lr, gen,
+                                                        "Elijah inversion", cfg.progress)
+            return u[int(ratios.argmin())] * C.noise_scale(model), losses
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
         losses = C.optimize_trigger(unet, u, lambda: elijah_loss(model, unet, noise, u, cfg.lam), "Elijah inversion",
@@ -112,4 +146,15 @@ class ElijahDetector(Detector):
 
     def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
         cfg = self.config
-        return detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, cfg.trim, cfg.seed)
+        stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, cfg.trim, cfg.seed)
+        if trigger.abs().sum() > 0:
+            stats["shift_ratio"] = shift_ratio(model, trigger, 1.0, cfg.seed)
+        return stats
+
+
+@torch.no_grad()
+def shift_ratio(model, trigger: torch.Tensor, frac: float, seed: int, batch: int = 32) -> float:
+    """λ̂ of `trigger` (x_T units) at `frac` on a fixed noise batch (`common.response_ratios`)."""
+    noise = C.noise_like(model, batch, torch.Generator().manual_seed(seed + 3))
+    u = (trigger / C.noise_scale(model)).unsqueeze(0)
+    return float(C.response_ratios(model, model.unet, noise, u, C.level(model, frac))[0])
