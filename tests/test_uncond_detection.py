@@ -102,6 +102,8 @@ def test_registry_and_configs_refuse_bad_values():
             get_detector(name).make(objective="best")
         with pytest.raises(SealdiffError, match="norm"):
             get_detector(name).make(norm=0)
+    with pytest.raises(SealdiffError, match="valid: rotated, clean"):
+        get_detector("diffdefend").make(tv_baseline="flipped")
     for bad in (["1.0:up"], ["2:min"], ["x:max"], []):
         with pytest.raises(SealdiffError, match="valid: .*FRAC:min"):
             get_detector("diffdefend").make(searches=bad)

@@ -19,9 +19,11 @@ the generated images with their total-variation loss under a fitted threshold. N
    where an ODE backdoor (VillanDiffusion's doubled correction: λ = 1 at T, so invisible there) carries *more*
    of it than the offset it leaves in x_t; each search's winner is sampled and the one whose samples
    collapse most is the inverted trigger.
-4. Dual-modal score = collapse + w_tv·|log(TV(ε+τ samples) / TV(ε samples))|, collapse = 1 − U(ε+τ)/U(ε)
-   (U = uniformity, see `common.uniformity`); backdoored when the score ≥ `threshold` (fit it on labelled
-   models with `sealdiff.metrics.detection.fit_threshold`, as `scripts/measure_uncond_defenses.py` does).
+4. Dual-modal score = collapse + w_tv·|log(TV(ε+τ samples) / TV(baseline samples))|, collapse = 1 − U(ε+τ)/U(ε)
+   (U = uniformity, see `common.uniformity`); baseline ε (the paper's) or, by default, ε + τ turned 180° (any
+   offset of τ's size changes the texture of a clean model's DDIM samples, the turned trigger cancels that);
+   backdoored when the score ≥ `threshold` (fit it on labelled models with
+   `sealdiff.metrics.detection.fit_threshold`, as `scripts/measure_uncond_defenses.py` does).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 LamMode = Literal["schedule", "constant"]
 Objective = Literal["ratio", "paper"]
+TvBaseline = Literal["rotated", "clean"]
 
 
 @dataclass
@@ -78,6 +81,9 @@ class DiffDefendConfig:
     sample_steps: int | None = help_field("sampler steps for the detection samples; None = 20 (200 for ncsn, whose VE "
                                           "samplers are still noisy at 20)", default=None)
     tv_weight: float = help_field("w_tv of the total-variation term of the dual-modal score", default=1.0)
+    tv_baseline: TvBaseline = help_field("TV ratio against samples from ε + τ turned 180° (rotated, sealdiff's: "
+                                         "cancels what any offset of τ's size does) or from ε alone (clean, the "
+                                         "paper's)", default="rotated")
     threshold: float = help_field("backdoored when the dual-modal score ≥ threshold (fit it on labelled models)",
                                   default=0.5)
     seed: int = help_field("seed of the bank, the noise and the initial trigger", default=0)
@@ -85,6 +91,7 @@ class DiffDefendConfig:
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, Objective)
+        check_choice("tv_baseline", self.tv_baseline, TvBaseline)
         if self.batch is None:
             self.batch = 16 if self.objective == "paper" else 8
         if self.lr is None:
@@ -204,5 +211,16 @@ class DiffDefendDetector(Detector):
     def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, 0.25, cfg.seed)
-        stats["dual"] = stats["collapse"] + cfg.tv_weight * abs(stats["tv_log_ratio"])
+        tv_log_ratio = stats["tv_log_ratio"]
+        if cfg.tv_baseline == "rotated":
+            # any offset of this size and spectrum changes the samples' texture (a clean DDPM's DDIM samples:
+            # |log TV ratio| ≈ 0.57 against ε alone); τ turned 180° is such an offset but not the trigger
+            rotated = detection_statistics(model, trigger.flip(-2, -1), cfg.samples, cfg.samplers, cfg.sample_steps,
+                                           0.25, cfg.seed)
+            sampler = next(k[len("collapse_"):] for k, v in stats.items()
+                           if k.startswith("collapse_") and v == stats["collapse"])
+            stats["tv_rotated"] = rotated[f"tv_{sampler}"]
+            tv_log_ratio = math.log(max(stats["tv"], 1e-8) / max(stats["tv_rotated"], 1e-8))
+            stats["tv_log_ratio_rotated"] = tv_log_ratio
+        stats["dual"] = stats["collapse"] + cfg.tv_weight * abs(tv_log_ratio)
         return stats
