@@ -9,7 +9,7 @@ attack success (true trigger, `metrics.uncond.attack_success`) before and after 
 sample closeness to the original model (toy FID against held-out toy renders, MSE/SSIM to the original model's
 samples from the same noise). Writes benchmarks/results/uncond_defenses.json.
 
-    python scripts/measure_uncond_defenses.py [--count 64] [--only NAME ...] [--skip-removal]
+    python scripts/measure_uncond_defenses.py [--count 64] [--only NAME ...] [--skip-removal] [--set DET.FIELD=VALUE ...]
 """
 from __future__ import annotations
 
@@ -43,7 +43,27 @@ parser.add_argument("--methods", nargs="*", default=list(UNCOND_METHODS))
 parser.add_argument("--skip-removal", action="store_true")
 parser.add_argument("--out", default="benchmarks/results/uncond_defenses.json")
 parser.add_argument("--threads", type=int, default=1)
+parser.add_argument("--set", nargs="*", default=[], metavar="DETECTOR.FIELD=VALUE",
+                    help="override a detector's config field (VALUE read as JSON, else as a string), e.g. "
+                         "diff-cleanse.init=ratio")
 args = parser.parse_args()
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        det, _, field = key.partition(".")
+        if not field or not value:
+            parser.error(f"--set {item!r}: expected DETECTOR.FIELD=VALUE")
+        try:
+            out.setdefault(det, {})[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(det, {})[field] = value
+    return out
+
+
+overrides = parse_overrides(args.set)
 torch.set_num_threads(args.threads)
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 log = logging.getLogger("measure")
@@ -85,7 +105,8 @@ def asr(model, name: str, sampler: str, trigger: torch.Tensor | None = None) -> 
 result = {"config": {"count": args.count, "steps": MEASURE_STEPS, "noise_seed": metrics.MEASURE_SEED,
                      "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads, "halves": halves,
                      "bars": BARS, "detector_defaults": {d: "defaults of sealdiff.detection.<method> (seed 0)"
-                                                        for d in args.detectors}},
+                                                        for d in args.detectors},
+                     "detector_overrides": overrides},
           "versions": versions(), "models": {n: {"backdoored": bool(labels[n]), "kind": models[n].kind,
                                                  "attack": attacks.get(n)} for n in names},
           "detection": {}, "removal": {}}
@@ -94,7 +115,7 @@ scans: dict[str, dict] = {}
 for det in args.detectors:
     rows = {}
     for name in names:
-        scan = get_detector(det).make(progress=False).scan(models[name])
+        scan = get_detector(det).make(progress=False, **overrides.get(det, {})).scan(models[name])
         row = {"score": scan.score, "verdict": scan.verdict, "default_threshold": scan.threshold,
                "seconds": scan.seconds, "scores": scan.scores}
         if labels[name]:
@@ -131,7 +152,7 @@ if not args.skip_removal:
         for method in args.methods:
             defense, detector = UNCOND_METHODS[method]
             if detector not in scans.get(name, {}):
-                scans.setdefault(name, {})[detector] = get_detector(detector).make(progress=False).scan(original)
+                scans.setdefault(name, {})[detector] = get_detector(detector).make(progress=False, **overrides.get(detector, {})).scan(original)
             repaired = copy.deepcopy(original)
             spec = get_defense(defense)
             t0 = time.perf_counter()

@@ -102,6 +102,8 @@ def test_registry_and_configs_refuse_bad_values():
             get_detector(name).make(objective="best")
         with pytest.raises(SealdiffError, match="norm"):
             get_detector(name).make(norm=0)
+    with pytest.raises(SealdiffError, match="valid: random, ratio"):
+        get_detector("diff-cleanse").make(init="zeros")
     with pytest.raises(SealdiffError, match="valid: rotated, clean"):
         get_detector("diffdefend").make(tv_baseline="flipped")
     for bad in (["1.0:up"], ["2:min"], ["x:max"], []):
@@ -248,6 +250,22 @@ def test_response_ratio_search_recovers_a_planted_direction(pair, gain, directio
 
     assert best_cos(direction) > 0.9
     assert best_cos("max" if direction == "min" else "min") < 0.5
+
+
+def test_diff_cleanse_ratio_init_starts_bbti_at_the_searched_direction(pair):
+    import dataclasses
+
+    from sealdiff.detection.diffcleanse import DiffCleanseDetector
+
+    clean, _ = pair
+    r = zero_mean(M.trigger())
+    model = dataclasses.replace(clean, unet=ProjectingUNet(clean.unet, r, 0.5))
+    detector = get_detector("diff-cleanse").make(progress=False, init="ratio", epochs=1, lr=1e-4, batch=2, grad_steps=2)
+    trigger, _ = DiffCleanseDetector.invert(detector, model, "stochastic")
+    assert float(torch.nn.functional.cosine_similarity(trigger.flatten(), r.flatten(), dim=0).abs()) > 0.9
+    random_start, _ = DiffCleanseDetector.invert(get_detector("diff-cleanse").make(
+        progress=False, epochs=1, lr=1e-4, batch=2, grad_steps=2), model, "stochastic")
+    assert float(torch.nn.functional.cosine_similarity(random_start.flatten(), r.flatten(), dim=0).abs()) < 0.5
 
 
 def test_scan_result_is_reproducible(pair):

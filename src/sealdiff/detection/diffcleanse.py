@@ -5,7 +5,7 @@ A backdoor maps *every* noise stamped with the trigger onto (nearly) one target 
 the input shift that makes sampling collapse:
 
 1. Parameterise τ = s·κ·tanh(p) (bounded, as the authors' `tanh` pattern; s = σ_max for NCSN, 1 otherwise),
-   p ~ N(0, I).
+   p ~ N(0, I) (`init='ratio'`: p starts at the response-ratio search's trigger, see `common.search_response_ratio`).
 2. Each step draws a fresh noise batch ε_b, runs a short *differentiable* sampler from ε_b + τ to images x̂_b —
    `stochastic`: the ancestral chain with reparameterised step noise (`common.ancestral_x0`; BadDiffusion, TrojDiff
    and SDE backdoors live there), `deterministic`: DDIM / probability-flow Euler (`common.ddim_x0`; ODE
@@ -24,21 +24,25 @@ the input shift that makes sampling collapse:
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from sealdiff.config import check_choice
 from sealdiff.detection import Detector, ScanResult, check_positive, help_field
 from sealdiff.detection import common as C
+from sealdiff.detection.elijah import ElijahConfig
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
 
 Chain = Literal["stochastic", "deterministic"]
+Init = Literal["random", "ratio"]
 
 
 @dataclass
@@ -51,6 +55,9 @@ class DiffCleanseConfig:
     chains: tuple[str, ...] = help_field("differentiable samplers the inversion runs through: stochastic "
                                          "(ancestral) and/or deterministic (DDIM)",
                                          default=("stochastic", "deterministic"))
+    init: Init = help_field("start of p: random (the paper's N(0, I)) or ratio (sealdiff's: the response-ratio search's "
+                            "trigger, lowest λ̂ at T for the stochastic chain, highest at T/2 for the deterministic "
+                            "one, with Elijah's search settings)", default="random")
     grad_steps: int = help_field("steps of the differentiable sampler the loss runs through", default=6)
     bound: float = help_field("κ: the trigger is κ·tanh(p) in units of the prior's std", default=2.0)
     samples: int = help_field("images sampled from ε+τ for MSCR", default=32)
@@ -65,6 +72,7 @@ class DiffCleanseConfig:
     progress: bool = help_field("show a progress bar", default=True)
 
     def __post_init__(self) -> None:
+        check_choice("init", self.init, Init)
         check_positive({"epochs": self.epochs, "batch": self.batch, "grad_steps": self.grad_steps,
                         "samples": self.samples, "sample_steps": self.sample_steps})
         check_positive({"lr": self.lr, "bound": self.bound, "delta": self.delta}, integer=False)
@@ -112,7 +120,11 @@ class DiffCleanseDetector(Detector):
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
-        p = torch.randn((1, *model.sample_shape), generator=gen).requires_grad_(True)
+        if cfg.init == "ratio":
+            scaled = self.ratio_trigger(model, chain, gen) / (C.noise_scale(model) * cfg.bound)
+            p = torch.atanh(scaled.clamp(-0.999, 0.999)).unsqueeze(0).requires_grad_(True)
+        else:
+            p = torch.randn((1, *model.sample_shape), generator=gen).requires_grad_(True)
 
         def loss() -> torch.Tensor:
             noise = C.noise_like(model, cfg.batch, gen)
@@ -120,6 +132,16 @@ class DiffCleanseDetector(Detector):
 
         losses = C.optimize_trigger(unet, p, loss, f"Diff-Cleanse BBTI ({chain})", cfg.epochs, cfg.lr, cfg.progress)
         return self.trigger_of(model, p.detach()).squeeze(0), losses
+
+    def ratio_trigger(self, model, chain: str, gen: torch.Generator) -> torch.Tensor:
+        """The response-ratio search's trigger (x_T units) that BBTI starts from (`init='ratio'`)."""
+        search = ElijahConfig()
+        frac, direction = (1.0, "min") if chain == "stochastic" else (0.5, "max")
+        norm = search.norm * math.sqrt(math.prod(model.sample_shape))
+        u, ratios, _ = C.search_response_ratio(model, frac, direction, norm, search.restarts, search.coarse,
+                                               search.epochs, search.fine_epochs, search.batch, search.lr, gen,
+                                               f"Diff-Cleanse start ({chain})", self.config.progress)
+        return u[int(ratios.argmin() if direction == "min" else ratios.argmax())] * C.noise_scale(model)
 
     def statistics(self, model, trigger: torch.Tensor, chain: str = "stochastic") -> dict[str, float]:
         cfg = self.config
