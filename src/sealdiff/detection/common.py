@@ -311,3 +311,16 @@ def search_response_ratio(model, frac: float, direction: str, norm: float, resta
         held_out = noise_like(model, max(batch, 32), generator)
         ratios = response_ratios(model, unet, held_out, u, lv)
     return u, ratios, losses
+
+
+def best_ratio_trigger(model, settings, frac: float, direction: str, generator: torch.Generator, description: str,
+                       progress: bool) -> tuple[torch.Tensor, float, list[float]]:
+    """`search_response_ratio` with a detector config's search fields (`norm` as a fraction of √d, `restarts`,
+    `coarse`, `epochs`, `fine_epochs`, `batch`, `lr`): the winning candidate in x_T units, its held-out ratio, and
+    the losses."""
+    norm = settings.norm * math.sqrt(math.prod(model.sample_shape))
+    u, ratios, losses = search_response_ratio(model, frac, direction, norm, settings.restarts, settings.coarse,
+                                              settings.epochs, settings.fine_epochs, settings.batch, settings.lr,
+                                              generator, description, progress)
+    pick = int(ratios.argmin() if direction == "min" else ratios.argmax())
+    return u[pick] * noise_scale(model), float(ratios[pick]), losses

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -135,13 +134,10 @@ class DiffCleanseDetector(Detector):
 
     def ratio_trigger(self, model, chain: str, gen: torch.Generator) -> torch.Tensor:
         """The response-ratio search's trigger (x_T units) that BBTI starts from (`init='ratio'`)."""
-        search = ElijahConfig()
         frac, direction = (1.0, "min") if chain == "stochastic" else (0.5, "max")
-        norm = search.norm * math.sqrt(math.prod(model.sample_shape))
-        u, ratios, _ = C.search_response_ratio(model, frac, direction, norm, search.restarts, search.coarse,
-                                               search.epochs, search.fine_epochs, search.batch, search.lr, gen,
-                                               f"Diff-Cleanse start ({chain})", self.config.progress)
-        return u[int(ratios.argmin() if direction == "min" else ratios.argmax())] * C.noise_scale(model)
+        trigger, _, _ = C.best_ratio_trigger(model, ElijahConfig(), frac, direction, gen,
+                                             f"Diff-Cleanse start ({chain})", self.config.progress)
+        return trigger
 
     def statistics(self, model, trigger: torch.Tensor, chain: str = "stochastic") -> dict[str, float]:
         cfg = self.config

@@ -192,17 +192,13 @@ class DiffDefendDetector(Detector):
         cfg = self.config
         best, best_score, losses = None, -float("inf"), []
         for frac, direction in parse_searches(cfg.searches):
-            norm = cfg.norm * math.sqrt(math.prod(model.sample_shape))
-            u, ratios, run = C.search_response_ratio(model, frac, direction, norm, cfg.restarts, cfg.coarse,
-                                                     cfg.epochs, cfg.fine_epochs, cfg.batch, cfg.lr, gen,
-                                                     f"DiffDefend inversion {frac}:{direction}", cfg.progress)
+            trigger, ratio, run = C.best_ratio_trigger(model, cfg, frac, direction, gen,
+                                                       f"DiffDefend inversion {frac}:{direction}", cfg.progress)
             losses += run
-            pick = int(ratios.argmin() if direction == "min" else ratios.argmax())
-            trigger = u[pick] * C.noise_scale(model)
             stats = self.statistics(model, trigger)
             # collapse, not the dual score, picks: the TV term of a harmless candidate is noisy (clean DDPM: |log| ~0.6)
             score = stats["collapse"]
-            logger.info("DiffDefend search %s:%s: ratio %.3f, collapse %.3f %s", frac, direction, ratios[pick], score,
+            logger.info("DiffDefend search %s:%s: ratio %.3f, collapse %.3f %s", frac, direction, ratio, score,
                         {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
             if score > best_score:
                 best, best_score = trigger, score

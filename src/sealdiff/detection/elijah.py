@@ -133,11 +133,8 @@ class ElijahDetector(Detector):
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.objective == "ratio":
-            norm = cfg.norm * math.sqrt(math.prod(model.sample_shape))
-            u, ratios, losses = C.search_response_ratio(model, 1.0, "min", norm, cfg.restarts, cfg.coarse,
-                                                        cfg.epochs, cfg.fine_epochs, cfg.batch, cfg.lr, gen,
-                                                        "Elijah inversion", cfg.progress)
-            return u[int(ratios.argmin())] * C.noise_scale(model), losses
+            trigger, _, losses = C.best_ratio_trigger(model, cfg, 1.0, "min", gen, "Elijah inversion", cfg.progress)
+            return trigger, losses
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
         losses = C.optimize_trigger(unet, u, lambda: elijah_loss(model, unet, noise, u, cfg.lam), "Elijah inversion",
