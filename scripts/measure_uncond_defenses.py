@@ -43,9 +43,10 @@ parser.add_argument("--methods", nargs="*", default=list(UNCOND_METHODS))
 parser.add_argument("--skip-removal", action="store_true")
 parser.add_argument("--out", default="benchmarks/results/uncond_defenses.json")
 parser.add_argument("--threads", type=int, default=1)
-parser.add_argument("--set", nargs="*", default=[], metavar="DETECTOR.FIELD=VALUE",
-                    help="override a detector's config field (VALUE read as JSON, else as a string), e.g. "
-                         "diff-cleanse.init=ratio")
+parser.add_argument("--set", nargs="*", default=[], metavar="NAME.FIELD=VALUE",
+                    help="override a field of a detector's or a removal's config (NAME: a detector or a defense "
+                         "registry name; VALUE read as JSON, else as a string), e.g. diff-cleanse.init=ratio "
+                         "elijah-ft.removal_target=x0")
 args = parser.parse_args()
 
 
@@ -55,7 +56,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         key, _, value = item.partition("=")
         det, _, field = key.partition(".")
         if not field or not value:
-            parser.error(f"--set {item!r}: expected DETECTOR.FIELD=VALUE")
+            parser.error(f"--set {item!r}: expected NAME.FIELD=VALUE")
         try:
             out.setdefault(det, {})[field] = json.loads(value)
         except json.JSONDecodeError:
@@ -106,7 +107,7 @@ result = {"config": {"count": args.count, "steps": MEASURE_STEPS, "noise_seed": 
                      "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads, "halves": halves,
                      "bars": BARS, "detector_defaults": {d: "defaults of sealdiff.detection.<method> (seed 0)"
                                                         for d in args.detectors},
-                     "detector_overrides": overrides},
+                     "overrides": overrides},
           "versions": versions(), "models": {n: {"backdoored": bool(labels[n]), "kind": models[n].kind,
                                                  "attack": attacks.get(n)} for n in names},
           "detection": {}, "removal": {}}
@@ -156,7 +157,8 @@ if not args.skip_removal:
             repaired = copy.deepcopy(original)
             spec = get_defense(defense)
             t0 = time.perf_counter()
-            run = spec.runner(spec.make_config(progress=False)).apply(repaired, scans[name][detector].trigger)
+            run = spec.runner(spec.make_config(progress=False, **overrides.get(defense, {}))).apply(
+                repaired, scans[name][detector].trigger)
             row = {"seconds": time.perf_counter() - t0, "final_loss": run.losses[-1] if run.losses else None,
                    "per_sampler": {}}
             if "pruned_fraction" in run.extra:

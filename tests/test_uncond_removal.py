@@ -177,3 +177,40 @@ def test_measurements_use_the_sampler_the_attack_targets(kind, attack, config, s
     from sealdiff.cli.remove_uncond import attack_sampler
 
     assert attack_sampler(kind, attack, config) == sampler
+
+
+class _PointMassDenoiser(torch.nn.Module):
+    """The exact ε̂ of data concentrated at x0 = 0: ε̂(x_t, t) = x_t / b_t. It treats any offset as noise, so a
+    trigger cannot steer it: the 'x0' removal target must already be met (loss 0), the 'eps' one must not."""
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.b = (1 - scheduler.alphas_cumprod).sqrt()
+
+    def forward(self, x, t):
+        return type("Out", (), {"sample": x / self.b[t].view(-1, 1, 1, 1)})()
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 3.0)])
+def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales):
+    from sealdiff.defenses.uncond import distill_loss
+
+    denoiser = _PointMassDenoiser(backdoored.scheduler)
+    bank = torch.zeros(4, *backdoored.sample_shape)
+    trigger = M.trigger()
+
+    def loss(target):
+        return float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0),
+                                  trigger=trigger, low=0.3, target=target, scales=scales))
+
+    assert loss("x0") < 1e-10
+    assert loss("eps") > 1e-3
+    assert float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0))) < 1e-10
+
+
+@pytest.mark.parametrize("field, value, message", [("removal_target", "pixels", "valid: eps, x0"),
+                                                   ("trigger_scale_low", 0.0, "0 < low <= high"),
+                                                   ("trigger_scale_high", 0.2, "0 < low <= high")])
+def test_purification_config_rejects_bad_values(field, value, message):
+    with pytest.raises(SealdiffError, match=message):
+        get_defense("diffdefend-purify").make_config(**{field: value})

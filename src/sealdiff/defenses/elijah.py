@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from sealdiff.config import check_choice
 from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
@@ -42,6 +43,9 @@ class ElijahRemovalConfig:
     trigger_levels: TriggerLevels = help_field("last: the removal loss at T only (paper); trajectory: also at "
                                                "earlier steps", default="last")
     trajectory_low: float = help_field("lowest schedule fraction of trigger_levels=trajectory", default=0.5)
+    removal_target: U.RemovalTarget = help_field("eps: the stamped noise gets the frozen model's ε̂ of the clean noise "
+                                               "(paper); x0: it gets the frozen model's x̂0 (the offset is denoised "
+                                               "away)", default="eps")
     bank_size: int = help_field("model-generated images for the data-free clean loss", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -53,6 +57,7 @@ class ElijahRemovalConfig:
         check_positive({"lr": self.lr}, integer=False)
         if self.trigger_levels not in ("last", "trajectory"):
             raise SealdiffError(f"trigger_levels {self.trigger_levels!r} is invalid; valid: last, trajectory")
+        check_choice("removal_target", self.removal_target, U.RemovalTarget)
         if self.clean_weight < 0:
             raise SealdiffError(f"clean_weight {self.clean_weight} is invalid; valid: a number >= 0")
         if not 0.0 <= self.trajectory_low < 1.0:
@@ -81,10 +86,12 @@ class ElijahRemoval:
             noise = s * C.noise_like(model, cfg.batch, gen)
             with torch.no_grad():
                 target = C.eps_pred(model, frozen, noise, last)
+                if cfg.removal_target == "x0":
+                    target = target + trigger / last.b
             removal = (C.eps_pred(model, unet, noise + trigger, last) - target).pow(2).mean()
             if cfg.trigger_levels == "trajectory":
                 removal = removal + U.distill_loss(model, unet, frozen, bank, cfg.batch, gen, trigger=trigger,
-                                                   low=cfg.trajectory_low)
+                                                   low=cfg.trajectory_low, target=cfg.removal_target)
             return removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
 
         losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress)

@@ -7,8 +7,11 @@ trigger τ inverted by `sealdiff.detection.diffdefend` (never the true one):
 1. Reference ε_ref = a frozen copy of the model before purification (it behaves cleanly on clean inputs).
 2. Data-free inputs: x_t = a_t·x̂0 + b_t·ε with x̂0 sampled by the reference itself.
 3. Removal loss (the distribution shift the backdoor propagates step by step is cancelled at every step where it
-   lives): L_rm = ‖ε_θ(x_t + c_t·τ, t) − ε_ref(x_t, t)‖², t drawn from the upper `removal_low..1` of the
-   schedule, c_t = 1 − √ᾱ_t (BadDiffusion's share of the trigger in x_t; b_t/σ_max for VE).
+   lives): L_rm = ‖ε_θ(x_t + k·c_t·τ, t) − y‖², t drawn from the upper `removal_low..1` of the schedule,
+   c_t = 1 − √ᾱ_t (BadDiffusion's share of the trigger in x_t; b_t/σ_max for VE), k drawn in
+   `trigger_scale_low..high` (an inverted trigger rarely has the true one's strength). With `removal_target='x0'`
+   y = ε_ref(x_t, t) + k·c_t·τ/b_t: the triggered input must imply the reference's clean x̂0, as a clean model
+   denoises an offset it has no use for; `'eps'` y = ε_ref(x_t, t) (the offset is ignored and so kept to x_0).
 4. Retention loss: L_keep = ‖ε_θ(x_t, t) − ε_ref(x_t, t)‖², t over the whole schedule.
 5. Minimise w_rm·L_rm + w_keep·L_keep with AdamW.
 """
@@ -20,12 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sealdiff.config import check_choice
 from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -38,6 +43,12 @@ class PurificationConfig:
     removal_weight: float = help_field("w_rm of the removal loss", default=1.0)
     retention_weight: float = help_field("w_keep of the retention loss", default=1.0)
     removal_low: float = help_field("lowest schedule fraction of the removal loss (1 = T only)", default=0.3)
+    removal_target: U.RemovalTarget = help_field("eps: the triggered input gets the reference's ε̂ of the clean one; "
+                                               "x0: it gets the reference's x̂0 (the offset is denoised away)",
+                                               default="x0")
+    trigger_scale_low: float = help_field("lowest strength k of the stamped k·τ (drawn uniformly up to "
+                                          "trigger_scale_high)", default=0.5)
+    trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=3.0)
     bank_size: int = help_field("reference-generated images (no real data)", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -50,6 +61,10 @@ class PurificationConfig:
         for name in ("removal_weight", "retention_weight"):
             if getattr(self, name) < 0:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
+        check_choice("removal_target", self.removal_target, U.RemovalTarget)
+        if not 0.0 < self.trigger_scale_low <= self.trigger_scale_high:
+            raise SealdiffError(f"trigger_scale_low {self.trigger_scale_low} / trigger_scale_high "
+                                f"{self.trigger_scale_high} are invalid; valid: 0 < low <= high")
         if not 0.0 <= self.removal_low <= 1.0:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
 
@@ -72,7 +87,8 @@ class DiffDefendPurification:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
         def loss() -> torch.Tensor:
-            removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low)
+            removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
+                                     target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high))
             keep = U.distill_loss(model, unet, reference, bank, cfg.batch, gen)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 UNCOND_METHODS = {"elijah": ("elijah-ft", "elijah"), "diff-cleanse": ("diff-cleanse-prune", "diff-cleanse"),
                   "diffdefend": ("diffdefend-purify", "diffdefend")}
 TRIGGER_FILE = "trigger.safetensors"
+RemovalTarget = Literal["eps", "x0"]  # what a triggered input must be answered with (see `distill_loss`)
 TRIGGER_KEY = "trigger"
 
 
@@ -80,18 +81,29 @@ def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Gen
 
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
-                 trigger: torch.Tensor | None = None, low: float = 0.0) -> torch.Tensor:
-    """‖ε̂_θ(x_t [+ c_t·τ], t) − ε̂_teacher(x_t, t)‖²: with `trigger`, the student must answer the triggered input
-    as the frozen teacher answers the clean one (removal); without, it must keep the teacher's answers (retention)."""
+                 trigger: torch.Tensor | None = None, low: float = 0.0, target: str = "eps",
+                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
+    answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
+    `target='eps'` y = ε̂_teacher(x_t, t) (the offset is ignored); `target='x0'` y = ε̂_teacher(x_t, t) + k·c_t·τ/b_t,
+    so that the x̂0 implied by the triggered input is the teacher's clean x̂0 (the offset is denoised away as a clean
+    model treats noise). k is drawn per sample uniformly in `scales`, so the repair also covers the trigger's
+    direction at other strengths than the inverted one's."""
     idx = torch.randint(0, len(bank), (batch,), generator=generator)
     x0 = bank[idx]
     noise = torch.randn(x0.shape, generator=generator)
     levels = sample_levels(model, batch, generator, low=low)
     x_t = noised(levels, x0, noise)
     with torch.no_grad():
-        target = per_sample_eps(model, teacher, x_t, levels)
-    inputs = x_t + shifts(model, levels) * trigger if trigger is not None else x_t
-    return (per_sample_eps(model, unet, inputs, levels) - target).pow(2).mean()
+        answer = per_sample_eps(model, teacher, x_t, levels)
+    if trigger is None:
+        return (per_sample_eps(model, unet, x_t, levels) - answer).pow(2).mean()
+    k = scales[0] + (scales[1] - scales[0]) * torch.rand(batch, 1, 1, 1, generator=generator)
+    b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
+    offset = k * shifts(model, levels) * trigger
+    if target == "x0":
+        answer = answer + offset / b
+    return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
 
 
 @torch.no_grad()
