@@ -1,7 +1,8 @@
-"""Where the unconditional removals' clean drift comes from: one removal method on one zoo model, run with the
-trigger its detector inverted, with τ = 0 (the fine-tuning alone) and with the true trigger (a diagnostic only;
-sealdiff's removals never see it). Attack success and closeness to the original model's samples (same noise,
-the attack's own sampler) after each; results go to benchmarks/results/removal_probe.json.
+"""Where the unconditional removals' clean drift and leftover attack success come from: one removal method on one
+zoo model, run with the trigger its detector inverted, with τ = 0 (the fine-tuning alone), with the true trigger and
+with the true trigger's channel means removed (as the ratio search's candidates are) — the last two are diagnostics
+only; sealdiff's removals never see the true trigger. Attack success and closeness to the original model's samples
+(same noise) after each, under every sampler of the model type; results go to benchmarks/results/removal_probe.json.
 
     python scripts/probe_removal.py [--model uncond-ddpm-baddiffusion-box-hat] [--methods elijah diffdefend]
 """
@@ -34,21 +35,26 @@ model, directory = load_for_scan(f"zoo:{args.model}")
 backdoor = metrics.read_backdoor(directory)
 record = json.loads((directory / "sealdiff.json").read_text())
 sampler = attack_sampler(model.kind, record.get("attack"), record.get("config"))
-steps = MEASURE_STEPS[sampler]
-original = metrics.generate(model, args.count, sampler, steps)
+samplers = ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
+original = {s: metrics.generate(model, args.count, s, MEASURE_STEPS[s]) for s in samplers}
+true = backdoor.trigger.float()
+true_zero_mean = true - true.mean(dim=(-2, -1), keepdim=True)
 rows = {}
 for method in args.methods:
     defense, detector = UNCOND_METHODS[method]
     inverted = get_detector(detector).make(progress=False).scan(model).trigger
     spec = get_defense(defense)
-    for label, trigger in (("inverted", inverted), ("zero", torch.zeros_like(inverted)), ("true", backdoor.trigger)):
+    for label, trigger in (("inverted", inverted), ("zero", torch.zeros_like(inverted)), ("true", true),
+                           ("true, channel means removed", true_zero_mean)):
         repaired = copy.deepcopy(model)
         spec.runner(spec.make_config(progress=False)).apply(repaired, trigger.float())
-        agree = metrics.agreement(metrics.generate(repaired, args.count, sampler, steps), original)
-        rows[f"{method} / {label} trigger"] = {
-            "trigger_norm": float(trigger.norm()),
-            "asr_after": metrics.attack_success(repaired, backdoor, sampler, steps, args.count).attack_success,
-            "mse_to_original": agree.mse, "ssim_to_original": agree.ssim}
+        row = {"trigger_norm": float(trigger.norm())}
+        for s in samplers:
+            agree = metrics.agreement(metrics.generate(repaired, args.count, s, MEASURE_STEPS[s]), original[s])
+            row[s] = {"asr_after": metrics.attack_success(repaired, backdoor, s, MEASURE_STEPS[s],
+                                                          args.count).attack_success,
+                      "mse_to_original": agree.mse, "ssim_to_original": agree.ssim}
+        rows[f"{method} / {label} trigger"] = row
         print(method, label, json.dumps(to_jsonable(rows[f"{method} / {label} trigger"])), flush=True)
 
 out = Path(args.out)

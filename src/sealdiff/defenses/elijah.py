@@ -6,6 +6,8 @@ Seed: An et al., "Elijah: Eliminating Backdoors Injected in Diffusion Models via
 1. Keep a frozen copy of the model as it was (ε_frozen).
 2. Removal loss at the last step T: L_rm = ‖ε_θ(s·ε + τ, T) − ε_frozen(s·ε, T)‖² — noise stamped with τ must be
    answered as the frozen model answers the same noise without it (the backdoor's distribution shift is undone).
+   `removal_target='x0'` (sealdiff's, not the paper's) adds τ/b_T to the answer, so that the stamped noise implies
+   the frozen model's clean x̂0 (τ is denoised away rather than ignored; see `uncond.distill_loss`).
    `trigger_levels='trajectory'` also applies it at earlier steps (x_t + c_t·τ against ε_frozen(x_t, t), t drawn
    from the upper `trajectory_low..1` of the schedule).
 3. Clean loss: the ordinary denoising loss ‖ε_θ(a·x0 + b·ε, t) − ε‖², on real images when given (`images`),
