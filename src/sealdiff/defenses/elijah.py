@@ -57,8 +57,7 @@ class ElijahRemovalConfig:
         check_positive({"steps": self.steps, "batch": self.batch, "bank_size": self.bank_size,
                         "bank_steps": self.bank_steps})
         check_positive({"lr": self.lr}, integer=False)
-        if self.trigger_levels not in ("last", "trajectory"):
-            raise SealdiffError(f"trigger_levels {self.trigger_levels!r} is invalid; valid: last, trajectory")
+        check_choice("trigger_levels", self.trigger_levels, TriggerLevels)
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
         if self.clean_weight < 0:
             raise SealdiffError(f"clean_weight {self.clean_weight} is invalid; valid: a number >= 0")

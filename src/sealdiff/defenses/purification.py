@@ -32,7 +32,6 @@ from sealdiff.errors import SealdiffError
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class PurificationConfig:
     """Settings of one DiffDefend purification run (recorded in sealdiff.json)."""

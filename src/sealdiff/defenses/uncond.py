@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 UNCOND_METHODS = {"elijah": ("elijah-ft", "elijah"), "diff-cleanse": ("diff-cleanse-prune", "diff-cleanse"),
                   "diffdefend": ("diffdefend-purify", "diffdefend")}
 TRIGGER_FILE = "trigger.safetensors"
-RemovalTarget = Literal["eps", "x0"]  # what a triggered input must be answered with (see `distill_loss`)
 TRIGGER_KEY = "trigger"
+RemovalTarget = Literal["eps", "x0"]  # what a triggered input must be answered with (see `distill_loss`)
 
 
 @dataclass
@@ -81,7 +81,7 @@ def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Gen
 
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
-                 trigger: torch.Tensor | None = None, low: float = 0.0, target: str = "eps",
+                 trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
                  scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
     answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
