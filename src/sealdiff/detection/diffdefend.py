@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from sealdiff.config import check_choice
 from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
-from sealdiff.detection.elijah import detection_statistics
+from sealdiff.detection.elijah import detection_statistics, offset_samples
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
@@ -211,11 +211,12 @@ class DiffDefendDetector(Detector):
         if cfg.tv_baseline == "rotated":
             # any offset of this size and spectrum changes the samples' texture (a clean DDPM's DDIM samples:
             # |log TV ratio| ≈ 0.57 against ε alone); τ turned 180° is such an offset but not the trigger
-            rotated = detection_statistics(model, trigger.flip(-2, -1), cfg.samples, cfg.samplers, cfg.sample_steps,
-                                           0.25, cfg.seed)
-            sampler = next(k[len("collapse_"):] for k, v in stats.items()
-                           if k.startswith("collapse_") and v == stats["collapse"])
-            stats["tv_rotated"] = rotated[f"tv_{sampler}"]
+            # on the sampler the unsuffixed statistics come from (the first with the highest collapse)
+            samplers = C.detection_samplers(model, cfg.samplers)
+            sampler = max(samplers, key=lambda name: stats[f"collapse_{name}"])
+            rotated = offset_samples(model, trigger.flip(-2, -1), cfg.samples, sampler,
+                                     C.sample_steps(model, cfg.sample_steps), cfg.seed)
+            stats["tv_rotated"] = C.total_variation(rotated)
             tv_log_ratio = math.log(max(stats["tv"], 1e-8) / max(stats["tv_rotated"], 1e-8))
             stats["tv_log_ratio_rotated"] = tv_log_ratio
         stats["dual"] = stats["collapse"] + cfg.tv_weight * abs(tv_log_ratio)

@@ -98,6 +98,13 @@ def elijah_loss(model, unet, noise: torch.Tensor, u: torch.Tensor, lam: float) -
     return F.l1_loss(out.mean(0), lam * u.squeeze(0))
 
 
+def offset_samples(model, offset: torch.Tensor, samples: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
+    """Images from the detection's fixed noise (seed + 1) plus `offset`, sampled with step noise seed + 2; every
+    detection statistic compares such sets on the same noise."""
+    x_T = C.noise_like(model, samples, torch.Generator().manual_seed(seed + 1)) * C.noise_scale(model)
+    return C.generate(model, x_T + offset, sampler, steps, torch.Generator().manual_seed(seed + 2))
+
+
 def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: tuple[str, ...] | None,
                          steps: int | None, trim: float, seed: int) -> dict[str, float]:
     """Uniformity and total variation of samples from ε+τ, against samples from the same ε without τ, per stock
@@ -106,10 +113,8 @@ def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: t
     best = None
     steps = C.sample_steps(model, steps)
     for sampler in C.detection_samplers(model, samplers):
-        gen = torch.Generator().manual_seed(seed + 1)
-        x_T = C.noise_like(model, samples, gen) * C.noise_scale(model)
-        triggered = C.generate(model, x_T + trigger, sampler, steps, torch.Generator().manual_seed(seed + 2))
-        clean = C.generate(model, x_T, sampler, steps, torch.Generator().manual_seed(seed + 2))
+        triggered = offset_samples(model, trigger, samples, sampler, steps, seed)
+        clean = offset_samples(model, torch.zeros_like(trigger), samples, sampler, steps, seed)
         u_trig, u_clean = C.uniformity(triggered, trim), C.uniformity(clean, trim)
         tv_trig, tv_clean = C.total_variation(triggered), C.total_variation(clean)
         one = {"uniformity": u_trig, "uniformity_clean": u_clean, "collapse": 1.0 - u_trig / max(u_clean, 1e-8),
