@@ -97,9 +97,11 @@ def samplers_of(model) -> list[str]:
     return ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
 
 
-def asr(model, name: str, sampler: str, trigger: torch.Tensor | None = None) -> float:
-    """Attack success of the zoo model's backdoor (or of `trigger` stamped instead of the true one)."""
-    bd = backdoors[name] if trigger is None else metrics.Backdoor(trigger=trigger, target=backdoors[name].target)
+def asr(model, name: str, sampler: str, scan=None) -> float:
+    """Attack success of the zoo model's backdoor (or of a scan's inverted trigger and noise scale stamped instead of
+    the true ones)."""
+    bd = backdoors[name] if scan is None else metrics.Backdoor(trigger=scan.trigger, target=backdoors[name].target,
+                                                               gamma=scan.noise_scale)
     return metrics.attack_success(model, bd, sampler, MEASURE_STEPS[sampler], args.count).attack_success
 
 
@@ -118,10 +120,10 @@ for det in args.detectors:
     for name in names:
         scan = get_detector(det).make(progress=False, **overrides.get(det, {})).scan(models[name])
         row = {"score": scan.score, "verdict": scan.verdict, "default_threshold": scan.threshold,
-               "seconds": scan.seconds, "scores": scan.scores}
+               "seconds": scan.seconds, "noise_scale": scan.noise_scale, "scores": scan.scores}
         if labels[name]:
             sampler = attack_sampler(models[name].kind, attacks[name])
-            row["inverted_trigger_asr"] = {"sampler": sampler, "value": asr(models[name], name, sampler, scan.trigger)}
+            row["inverted_trigger_asr"] = {"sampler": sampler, "value": asr(models[name], name, sampler, scan)}
         rows[name] = row
         scans.setdefault(name, {})[det] = scan
         log.info("%s %s: score %.3f (%s) %.1fs%s", det, name, scan.score, "backdoored" if labels[name] else "clean",
@@ -158,7 +160,7 @@ if not args.skip_removal:
             spec = get_defense(defense)
             t0 = time.perf_counter()
             run = spec.runner(spec.make_config(progress=False, **overrides.get(defense, {}))).apply(
-                repaired, scans[name][detector].trigger)
+                repaired, scans[name][detector].trigger, noise_scale=scans[name][detector].noise_scale)
             row = {"seconds": time.perf_counter() - t0, "final_loss": run.losses[-1] if run.losses else None,
                    "per_sampler": {}}
             if "pruned_fraction" in run.extra:

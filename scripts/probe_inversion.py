@@ -75,8 +75,8 @@ for name in args.only or zoo.models_of_kind("uncond-"):
     for det in args.detectors:
         method, _, objective = det.partition(":")
         found = get_detector(method).make(progress=False, **({"objective": objective} if objective else {})).scan(model)
-        found = found.trigger
-        row["inverted"][det] = {"norm": float(found.norm()),
+        noise_scale, found = found.noise_scale, found.trigger
+        row["inverted"][det] = {"norm": float(found.norm()), "noise_scale": noise_scale,
                                 "cosine_to_true": float(F.cosine_similarity(found.flatten(), true.flatten(), dim=0)),
                                 "cosine_to_true_zero_mean": float(F.cosine_similarity(zero_mean(found), zero_mean(true),
                                                                                       dim=0)),

@@ -42,13 +42,15 @@ true_zero_mean = true - true.mean(dim=(-2, -1), keepdim=True)
 rows = {}
 for method in args.methods:
     defense, detector = UNCOND_METHODS[method]
-    inverted = get_detector(detector).make(progress=False).scan(model).trigger
+    scan = get_detector(detector).make(progress=False).scan(model)
     spec = get_defense(defense)
-    for label, trigger in (("inverted", inverted), ("zero", torch.zeros_like(inverted)), ("true", true),
-                           ("true, channel means removed", true_zero_mean)):
+    for label, trigger, gamma in (("inverted", scan.trigger, scan.noise_scale),
+                                  ("zero", torch.zeros_like(scan.trigger), scan.noise_scale),
+                                  ("true", true, backdoor.gamma),
+                                  ("true, channel means removed", true_zero_mean, backdoor.gamma)):
         repaired = copy.deepcopy(model)
-        spec.runner(spec.make_config(progress=False)).apply(repaired, trigger.float())
-        row = {"trigger_norm": float(trigger.norm())}
+        spec.runner(spec.make_config(progress=False)).apply(repaired, trigger.float(), noise_scale=gamma)
+        row = {"trigger_norm": float(trigger.norm()), "noise_scale": gamma}
         for s in samplers:
             agree = metrics.agreement(metrics.generate(repaired, args.count, s, MEASURE_STEPS[s]), original[s])
             row[s] = {"asr_after": metrics.attack_success(repaired, backdoor, s, MEASURE_STEPS[s],

@@ -106,9 +106,13 @@ def test_registry_and_configs_refuse_bad_values():
         get_detector("diff-cleanse").make(init="zeros")
     with pytest.raises(SealdiffError, match="valid: rotated, clean"):
         get_detector("diffdefend").make(tv_baseline="flipped")
-    for bad in (["1.0:up"], ["2:min"], ["x:max"], []):
+    for bad in (["1.0:up"], ["2:min"], ["x:max"], [], ["1.0:min:0"], ["1.0:min:1.5"], ["1.0:min:x"], ["1.0:min:0.5:2"]):
         with pytest.raises(SealdiffError, match="valid: .*FRAC:min"):
             get_detector("diffdefend").make(searches=bad)
+    from sealdiff.detection.diffdefend import parse_searches
+
+    assert parse_searches(("1.0:min", "0.5:max", "1.0:min:0.6")) == [(1.0, "min", 1.0), (0.5, "max", 1.0),
+                                                                    (1.0, "min", 0.6)]
     with pytest.raises(SealdiffError, match="valid: min, max"):
         C.search_response_ratio(None, 1.0, "up", 1.0, 1, 0, 1, 0, 1, 0.1, torch.Generator(), "x")
 
@@ -268,6 +272,30 @@ def test_diff_cleanse_ratio_init_starts_bbti_at_the_searched_direction(pair):
     assert float(torch.nn.functional.cosine_similarity(random_start.flatten(), r.flatten(), dim=0).abs()) < 0.5
 
 
+def test_scaled_noise_search_finds_the_trojdiff_trigger():
+    """TrojDiff's trojan input is x_T = γ·ε + τ (zoo model: γ = 0.6): the ratio search on γ-scaled noise recovers τ's
+    direction (the true τ is read only to check), the search on unscaled noise does not, and the γ-scaled samples
+    from the found trigger draw the target."""
+    from sealdiff.detection import load_for_scan
+    from sealdiff.metrics import uncond as U
+
+    model, directory = load_for_scan("zoo:uncond-ddpm-trojdiff-blend-inclass")
+    backdoor = U.read_backdoor(directory)
+    settings = get_detector("diffdefend").make(progress=False, restarts=8, epochs=50, fine_epochs=50).config
+
+    def cosine(gamma):
+        found, _, _ = C.best_ratio_trigger(model, settings, 1.0, "min", torch.Generator().manual_seed(0), "t", False,
+                                           gamma)
+        return float((found * backdoor.trigger).sum() / found.norm() / backdoor.trigger.norm()), found
+
+    scaled, found = cosine(backdoor.gamma)
+    assert scaled > 0.9
+    assert cosine(1.0)[0] < 0.5
+    hits = U.attack_success(model, U.Backdoor(trigger=found, target=backdoor.target, gamma=backdoor.gamma), "ddpm",
+                            20, count=16)
+    assert hits.attack_success >= 0.9
+
+
 def test_scan_result_is_reproducible(pair):
     _, bd = pair
     detector = get_detector("elijah").make(progress=False, epochs=5, batch=8, samples=4, samplers=["ddpm"],
@@ -293,7 +321,8 @@ def test_cli_scan_writes_verdict_trigger_and_run_info(tmp_path):
     assert (out / "trigger.png").stat().st_size > 0
     from sealdiff.defenses.uncond import load_trigger
 
-    assert load_trigger(out).shape == (3, 8, 8)
+    trigger, noise_scale = load_trigger(out)
+    assert trigger.shape == (3, 8, 8) and noise_scale == summary["noise_scale"] == 1.0
     assert not list(tmp_path.glob(".scan.partial-*"))
     assert main(["scan", str(model), "-o", str(out)]) == 2  # exists, no --overwrite
 

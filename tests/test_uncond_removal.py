@@ -108,6 +108,29 @@ def test_removal_refuses_a_trigger_of_the_wrong_shape(backdoored):
         spec.runner(spec.make_config(progress=False, steps=1)).apply(copy.deepcopy(backdoored), torch.zeros(3, 4, 4))
 
 
+@pytest.mark.parametrize("defense, noise_scale, message", [("elijah-ft", 0.6, "use --method diffdefend"),
+                                                           ("diff-cleanse-prune", 0.6, "use --method diffdefend"),
+                                                           ("diffdefend-purify", 0.0, "noise scale"),
+                                                           ("diffdefend-purify", 1.5, "noise scale")])
+def test_removal_refuses_a_noise_scale_it_cannot_use(backdoored, defense, noise_scale, message):
+    spec = get_defense(defense)
+    with pytest.raises(SealdiffError, match=message):
+        spec.runner(spec.make_config(progress=False, steps=1)).apply(copy.deepcopy(backdoored), M.trigger(),
+                                                                     noise_scale=noise_scale)
+
+
+def test_trigger_file_keeps_the_noise_scale(tmp_path):
+    """A scan of a scaled-noise (TrojDiff-style) trigger writes its γ; removal reads it back with the trigger."""
+    from sealdiff.detection import ScanResult, write_scan
+
+    result = ScanResult(method="diffdefend", backdoored=True, score=1.0, threshold=0.5, scores={"dual": 1.0},
+                        trigger=M.trigger(), seconds=0.0, config={"seed": 0}, noise_scale=0.6)
+    write_scan(result, tmp_path, "model", "0" * 64, "ddpm")
+    trigger, noise_scale = load_trigger(tmp_path)
+    assert torch.equal(trigger, M.trigger()) and noise_scale == 0.6
+    assert json.loads((tmp_path / "scan.json").read_text())["noise_scale"] == 0.6
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -137,7 +160,7 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     assert info["parent"]["sha256"] == before
     assert info["measured"]["before"]["attack_success"] >= 0.9
     assert info["measured"]["after"]["attack_success"] < info["measured"]["before"]["attack_success"]
-    assert torch.equal(load_trigger(scan), __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+    assert torch.equal(load_trigger(scan)[0], __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(out / "inverted_trigger.safetensors"))["trigger"])
 
 
@@ -191,8 +214,10 @@ class _PointMassDenoiser(torch.nn.Module):
         return type("Out", (), {"sample": x / self.b[t].view(-1, 1, 1, 1)})()
 
 
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 3.0)])
-def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales):
+@pytest.mark.parametrize("scales, gamma", [((1.0, 1.0), 1.0), ((0.5, 3.0), 1.0), ((0.5, 3.0), 0.6)])
+def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales, gamma):
+    """An exact denoiser of a point mass reads any trigger (and a γ-scaled trojan input) as noise: the x0 target is
+    what it already answers, the eps target is not."""
     from sealdiff.defenses.uncond import distill_loss
 
     denoiser = _PointMassDenoiser(backdoored.scheduler)
@@ -201,7 +226,7 @@ def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales)
 
     def loss(target):
         return float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0),
-                                  trigger=trigger, low=0.3, target=target, scales=scales))
+                                  trigger=trigger, low=0.3, target=target, scales=scales, gamma=gamma))
 
     assert loss("x0") < 1e-10
     assert loss("eps") > 1e-3

@@ -70,23 +70,24 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         check_sampler(uncond.kind, sampler)
     trigger_info: dict[str, Any]
     if trigger_file is not None:
-        trigger = U.load_trigger(trigger_file)
-        trigger_info = {"source": "file", "path": str(trigger_file)}
+        trigger, noise_scale = U.load_trigger(trigger_file)
+        trigger_info = {"source": "file", "path": str(trigger_file), "noise_scale": noise_scale}
     else:
         scan = get_detector(detector_name).make(seed=getattr(cfg, "seed", 0)).scan(uncond)
-        trigger = scan.trigger
+        trigger, noise_scale = scan.trigger, scan.noise_scale
         trigger_info = {"source": "scan", **{k: v for k, v in scan.to_dict().items() if k not in ("config", "losses")}}
         if not scan.backdoored:
             logger.warning("%s finds no backdoor (score %.3f < threshold %g); removing with its trigger anyway",
                            detector_name, scan.score, scan.threshold)
-    trigger = U.check_trigger(uncond, trigger)
+    trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
     before = measure_attack(uncond, directory, sampler, measure)
-    result = spec.runner(cfg).apply(uncond, trigger)
+    result = spec.runner(cfg).apply(uncond, trigger, noise_scale=noise_scale)
     after = measure_attack(uncond, directory, sampler, measure)
     with atomic_output_dir(output, overwrite, inputs=[directory]) as staging:
         save_uncond(uncond, staging)
-        U.save_trigger(trigger, staging)  # the inverted trigger the removal used (trigger.png too)
+        # the inverted trigger the removal used (trigger.png too)
+        U.save_trigger(trigger, staging, metadata={"noise_scale": repr(float(noise_scale))})
         (staging / U.TRIGGER_FILE).rename(staging / "inverted_trigger.safetensors")
         (staging / "trigger.png").rename(staging / "inverted_trigger.png")
         attack_record = directory / U.TRIGGER_FILE

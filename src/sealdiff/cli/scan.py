@@ -52,4 +52,5 @@ def scan(
         result = detector.scan(uncond)
         write_scan(result, staging, model, parent_sha256, uncond.kind)
     console.print(f"{method}: [bold]{result.verdict}[/bold] (score {result.score:.3f}, threshold {result.threshold:g}); "
-                  f"inverted trigger in {output / 'trigger.safetensors'}")
+                  f"inverted trigger in {output / 'trigger.safetensors'}"
+                  + (f" (input {result.noise_scale:g}·ε + trigger)" if result.noise_scale != 1.0 else ""))

@@ -72,10 +72,11 @@ class ElijahRemoval:
     def __init__(self, config: ElijahRemovalConfig) -> None:
         self.config = config
 
-    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None) -> U.UncondRemovalResult:
+    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
+              noise_scale: float = 1.0) -> U.UncondRemovalResult:
         """Fine-tune `model.unet` in place. `images`: real clean x0 in the model's space (None = data-free)."""
         cfg = self.config
-        trigger = U.check_trigger(model, trigger)
+        trigger = U.check_trigger(model, trigger, noise_scale, "Elijah fine-tuning")
         unet = model.unet
         frozen = C.frozen_copy(unet)
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)

@@ -167,9 +167,10 @@ class DiffCleansePruning:
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
 
-    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None) -> U.UncondRemovalResult:
+    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
+              noise_scale: float = 1.0) -> U.UncondRemovalResult:
         cfg = self.config
-        trigger = U.check_trigger(model, trigger)
+        trigger = U.check_trigger(model, trigger, noise_scale, "Diff-Cleanse pruning")
         unet = model.unet
         unpruned = C.frozen_copy(unet)
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)

@@ -75,11 +75,12 @@ class DiffDefendPurification:
     def __init__(self, config: PurificationConfig) -> None:
         self.config = config
 
-    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None) -> U.UncondRemovalResult:
+    def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
+              noise_scale: float = 1.0) -> U.UncondRemovalResult:
         cfg = self.config
         if images is not None:
             raise SealdiffError("DiffDefend purification uses no real data; call it without images")
-        trigger = U.check_trigger(model, trigger)
+        trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         reference = C.frozen_copy(unet)
         bank = U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
@@ -87,7 +88,8 @@ class DiffDefendPurification:
 
         def loss() -> torch.Tensor:
             removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
-                                     target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high))
+                                     target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
+                                     gamma=noise_scale)
             keep = U.distill_loss(model, unet, reference, bank, cfg.batch, gen)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 

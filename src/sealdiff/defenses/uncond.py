@@ -82,13 +82,16 @@ def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Gen
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
                  trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
-                 scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0) -> torch.Tensor:
     """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
     answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
     `target='eps'` y = ε̂_teacher(x_t, t) (the offset is ignored); `target='x0'` y = ε̂_teacher(x_t, t) + k·c_t·τ/b_t,
     so that the x̂0 implied by the triggered input is the teacher's clean x̂0 (the offset is denoised away as a clean
     model treats noise). k is drawn per sample uniformly in `scales`, so the repair also covers the trigger's
-    direction at other strengths than the inverted one's."""
+    direction at other strengths than the inverted one's. `gamma` < 1 (an inverted trojan input x_T = γ·ε + τ,
+    TrojDiff's) also scales the triggered input's noise by g, drawn per sample uniformly in [γ, 1] (a backdoor that
+    answers γ·ε + τ may answer ε + τ too): x_t − (1−g)·b_t·ε + k·c_t·τ; its x0 target keeps the teacher's clean x̂0,
+    y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t))."""
     idx = torch.randint(0, len(bank), (batch,), generator=generator)
     x0 = bank[idx]
     noise = torch.randn(x0.shape, generator=generator)
@@ -101,6 +104,9 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     k = scales[0] + (scales[1] - scales[0]) * torch.rand(batch, 1, 1, 1, generator=generator)
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
     offset = k * shifts(model, levels) * trigger
+    if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
+        g = gamma + (1.0 - gamma) * torch.rand(batch, 1, 1, 1, generator=generator)
+        offset = offset - (1.0 - g) * b * noise
     if target == "x0":
         answer = answer + offset / b
     return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
@@ -114,12 +120,20 @@ def generated_bank(model, count: int, steps: int, seed: int) -> torch.Tensor:
     return model_bank(model, count, steps, torch.Generator().manual_seed(seed))
 
 
-def check_trigger(model, trigger: torch.Tensor) -> torch.Tensor:
+def check_trigger(model, trigger: torch.Tensor, noise_scale: float = 1.0,
+                  unscaled_only: str | None = None) -> torch.Tensor:
+    """The trigger as a float CPU tensor after checking its shape, values and noise scale γ (0 < γ <= 1, VP models
+    only; `unscaled_only` names a removal that handles only γ = 1)."""
     if not isinstance(trigger, torch.Tensor) or tuple(trigger.shape) != tuple(model.sample_shape):
         shape = tuple(trigger.shape) if isinstance(trigger, torch.Tensor) else type(trigger).__name__
         raise SealdiffError(f"the trigger has shape {shape}; this model's x_T is {tuple(model.sample_shape)}")
     if not torch.isfinite(trigger).all():
         raise SealdiffError("the trigger contains NaN or inf")
+    if not 0.0 < noise_scale <= 1.0 or (noise_scale != 1.0 and model.kind == "ncsn"):
+        raise SealdiffError(f"noise scale {noise_scale} is invalid; valid: 0 < value <= 1 (only 1 for ncsn)")
+    if noise_scale != 1.0 and unscaled_only:
+        raise SealdiffError(f"{unscaled_only} removes triggers on unscaled noise (x_T = ε + τ); this trigger's input is "
+                            f"{noise_scale}·ε + τ: use --method diffdefend")
     return trigger.detach().float().cpu()
 
 
@@ -149,10 +163,10 @@ def save_trigger_png(trigger: torch.Tensor, path: Path, upscale: int = 8) -> Non
     image.resize((image.width * upscale, image.height * upscale), Image.NEAREST).save(path)
 
 
-def load_trigger(path: str | Path) -> torch.Tensor:
-    """An inverted trigger written by `sealdiff scan` (its `trigger.safetensors`, or the scan's output folder).
-    A file that a scan did not write is refused: an attack's own `trigger.safetensors` holds the *true* trigger,
-    and removal must work from the inverted one."""
+def load_trigger(path: str | Path) -> tuple[torch.Tensor, float]:
+    """(trigger, noise scale γ) of an inverted trigger written by `sealdiff scan` (its `trigger.safetensors`, or the
+    scan's output folder; γ = 1 when the file records none). A file that a scan did not write is refused: an
+    attack's own `trigger.safetensors` holds the *true* trigger, and removal must work from the inverted one."""
     from safetensors import safe_open
 
     from sealdiff.detection import TRIGGER_SOURCE
@@ -164,13 +178,17 @@ def load_trigger(path: str | Path) -> torch.Tensor:
         raise SealdiffError(f"trigger file {path} does not exist (give a scan's output folder or its {TRIGGER_FILE})")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            source = (handle.metadata() or {}).get("source")
-            if source != TRIGGER_SOURCE:
+            metadata = handle.metadata() or {}
+            if metadata.get("source") != TRIGGER_SOURCE:
                 raise SealdiffError(f"{path} was not written by `sealdiff scan` (an attack's trigger file holds the "
                                     "true trigger; removal uses an inverted one): run `sealdiff scan` first")
             if TRIGGER_KEY not in handle.keys():
                 raise SealdiffError(f"{path} holds no tensor named {TRIGGER_KEY!r}")
-            return handle.get_tensor(TRIGGER_KEY).float()
+            try:
+                noise_scale = float(metadata.get("noise_scale", "1.0"))
+            except ValueError:
+                raise SealdiffError(f"{path} records noise_scale {metadata['noise_scale']!r}; valid: a number") from None
+            return handle.get_tensor(TRIGGER_KEY).float(), noise_scale
     except SealdiffError:
         raise
     except Exception as exc:

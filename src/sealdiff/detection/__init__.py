@@ -8,7 +8,8 @@ The contract every detector keeps (one file per paper: `elijah.py`, `diffcleanse
   backdoored) is compared with the config's `threshold`;
 - `DETECTORS` maps a method name to its spec; `get_detector(name)` refuses unknown names listing the valid ones.
 
-Triggers are tensors of the model's x_T shape (C, H, W), in x_T units: `x_T = sample_noise(...) + trigger`.
+Triggers are tensors of the model's x_T shape (C, H, W), in x_T units: `x_T = noise_scale·sample_noise(...) + trigger`
+(the noise scale γ is 1 except for a TrojDiff-style trojan input, which DiffDefend's searches can also find).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ScanResult:
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
+    noise_scale: float = 1.0  # γ of the inverted input x_T = γ·ε + trigger (the ddpm sampler's step noise too)
 
     @property
     def verdict(self) -> str:
@@ -49,12 +51,14 @@ class ScanResult:
         return {"method": self.method, "verdict": self.verdict, "backdoored": self.backdoored, "score": self.score,
                 "threshold": self.threshold, "scores": dict(self.scores), "seconds": self.seconds,
                 "trigger_shape": list(self.trigger.shape), "trigger_l2": float(self.trigger.norm()),
+                "noise_scale": self.noise_scale,
                 "config": self.config, "losses": list(self.losses)}
 
 
 class Detector:
     """Base class: subclasses set `name`, take their config in `__init__`, and implement `invert` and
-    `statistics`; `scan` times the whole run and applies the threshold."""
+    `statistics`; `scan` times the whole run and applies the threshold. A detector whose inversion also finds the
+    noise scale γ of the input (x_T = γ·ε + τ) overrides `invert_scaled` instead of `invert`."""
 
     name = "detector"
     primary = "score"
@@ -65,21 +69,27 @@ class Detector:
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:  # pragma: no cover - abstract
+    def invert_scaled(self, model) -> tuple[torch.Tensor, float, list[float]]:
+        """(trigger, noise scale γ, losses); γ = 1 unless the detector searches it."""
+        trigger, losses = self.invert(model)
+        return trigger, 1.0, losses
+
+    def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0
+                   ) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def scan(self, model) -> ScanResult:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            trigger, losses = self.invert(model)
+            trigger, gamma, losses = self.invert_scaled(model)
             trigger = trigger.detach().to("cpu", torch.float32)
-            scores = self.statistics(model, trigger)
+            scores = self.statistics(model, trigger, gamma)
         score = float(scores[self.primary])
         threshold = float(self.config.threshold)
         return ScanResult(method=self.name, backdoored=score >= threshold, score=score, threshold=threshold,
                           scores=scores, trigger=trigger, seconds=time.perf_counter() - start,
-                          config=dataclasses.asdict(self.config), losses=losses)
+                          config=dataclasses.asdict(self.config), losses=losses, noise_scale=float(gamma))
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,8 @@ def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: st
     summary = to_jsonable(result.to_dict())
     (directory / SCAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     save_trigger(result.trigger, directory, metadata={"source": TRIGGER_SOURCE, "method": result.method,
-                                                      "parent_sha256": parent_sha256})
+                                                      "parent_sha256": parent_sha256,
+                                                      "noise_scale": repr(float(result.noise_scale))})
     write_run_info(directory, command="scan", method=result.method, config=result.config, seed=result.config["seed"],
                    model_kind=model_kind, parent={"path": str(model_spec), "sha256": parent_sha256},
                    result={k: v for k, v in summary.items() if k not in ("config", "losses")}, losses=result.losses)

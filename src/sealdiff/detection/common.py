@@ -181,12 +181,16 @@ def detection_samplers(model, samplers: tuple[str, ...] | None) -> tuple[str, ..
 
 
 def generate(model, x_T: torch.Tensor, sampler: str | None = None, steps: int = 10,
-             generator: torch.Generator | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1] from the given x_T through the model's stock sampler (`sealdiff.models.uncond.sample`)."""
+             generator: torch.Generator | None = None, batch_size: int = 64, gamma: float = 1.0) -> torch.Tensor:
+    """Images in [-1, 1] from the given x_T through the model's stock sampler (`sealdiff.models.uncond.sample`).
+    `gamma` < 1 (x_T = γ·ε + τ, TrojDiff's trojan input) also scales the ddpm sampler's step noise, as
+    `metrics.uncond.generate` samples such a backdoor."""
     from sealdiff.models.uncond import sample
 
     sampler = sampler or default_sampler(model)
-    parts = [sample(model, x_T[i:i + batch_size], sampler=sampler, steps=steps, generator=generator)
+    step_noise_scale = gamma if sampler == "ddpm" else 1.0
+    parts = [sample(model, x_T[i:i + batch_size], sampler=sampler, steps=steps, generator=generator,
+                    step_noise_scale=step_noise_scale)
              for i in range(0, len(x_T), batch_size)]
     return torch.cat(parts)
 
@@ -255,15 +259,17 @@ def optimize_trigger(unet: torch.nn.Module, trigger: torch.Tensor, loss_fn, desc
 # ---------------------------------------------------------------------------------------------- response ratio
 
 
-def response_ratios(model, unet, noise: torch.Tensor, u: torch.Tensor, lv: NoiseLevel) -> torch.Tensor:
+def response_ratios(model, unet, noise: torch.Tensor, u: torch.Tensor, lv: NoiseLevel,
+                    gamma: float = 1.0) -> torch.Tensor:
     """λ̂ of each candidate trigger u_k (normalised units, shape (K, C, H, W)) at level `lv`: how much of the offset
     c_t·s·u_k that the trigger leaves in x_t the noise prediction carries,
-    λ̂_k = b_t·⟨mean_b[ε̂(b_t·ε_b + c_t·s·u_k) − ε̂(b_t·ε_b)], u_k⟩ / (c_t·s·‖u_k‖²).
+    λ̂_k = b_t·⟨mean_b[ε̂(γ·b_t·ε_b + c_t·s·u_k) − ε̂(γ·b_t·ε_b)], u_k⟩ / (c_t·s·‖u_k‖²).
     Paired on the same noise, so the batch's own noise mean cancels (it does not in Elijah's loss). A model that
-    reads any offset as noise gives 1; BadDiffusion's backdoor 0.5 at T (Elijah's λ) along its trigger."""
+    reads any offset as noise gives 1; BadDiffusion's backdoor 0.5 at T (Elijah's λ) along its trigger. `gamma`
+    scales the noise (TrojDiff's trojan input x_T = γ·ε + τ)."""
     k, b = u.shape[0], noise.shape[0]
     c = baddiffusion_shift(model, lv) * noise_scale(model)
-    x = lv.b * noise
+    x = gamma * lv.b * noise
     stamped = (x.unsqueeze(0) + c * u.unsqueeze(1)).flatten(0, 1)
     eps = eps_pred(model, unet, torch.cat([stamped, x]), lv)
     shift = (eps[:k * b].view(k, b, *noise.shape[1:]) - eps[k * b:].unsqueeze(0)).mean(1)
@@ -282,11 +288,13 @@ def sphere_triggers(v: torch.Tensor, shape: tuple[int, ...], norm: float) -> tor
 
 def search_response_ratio(model, frac: float, direction: str, norm: float, restarts: int, coarse: int,
                           epochs: int, fine_epochs: int, batch: int, lr: float, generator: torch.Generator,
-                          description: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                          description: str, progress: bool = True, gamma: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """The zero-mean directions of norm `norm` (normalised units) whose response ratio λ̂ at `frac` is lowest
     (`direction='min'`) or highest ('max'): `restarts` random starts optimised in parallel by Adam, first on a
     `coarse`×`coarse` grid (0 = skip), then at full resolution, with fresh noise every step. Returns the
-    candidates (K, C, H, W), their ratios on one held-out noise batch, and the losses."""
+    candidates (K, C, H, W), their ratios on one held-out noise batch, and the losses. `gamma` scales the noise
+    (`response_ratios`)."""
     if direction not in ("min", "max"):
         raise SealdiffError(f"direction {direction!r} is invalid; valid: min, max")
     sign = 1.0 if direction == "min" else -1.0
@@ -303,24 +311,24 @@ def search_response_ratio(model, frac: float, direction: str, norm: float, resta
 
         def loss(v=v) -> torch.Tensor:
             u = sphere_triggers(v, shape, norm)
-            return sign * response_ratios(model, unet, noise_like(model, batch, generator), u, lv).sum() / restarts
+            return sign * response_ratios(model, unet, noise_like(model, batch, generator), u, lv, gamma).sum() / restarts
 
         losses += optimize_trigger(unet, v, loss, f"{description} ({stage})", steps, lr, progress)
     with torch.no_grad():
         u = sphere_triggers(v.detach(), shape, norm)
         held_out = noise_like(model, max(batch, 32), generator)
-        ratios = response_ratios(model, unet, held_out, u, lv)
+        ratios = response_ratios(model, unet, held_out, u, lv, gamma)
     return u, ratios, losses
 
 
 def best_ratio_trigger(model, settings, frac: float, direction: str, generator: torch.Generator, description: str,
-                       progress: bool) -> tuple[torch.Tensor, float, list[float]]:
+                       progress: bool, gamma: float = 1.0) -> tuple[torch.Tensor, float, list[float]]:
     """`search_response_ratio` with a detector config's search fields (`norm` as a fraction of √d, `restarts`,
     `coarse`, `epochs`, `fine_epochs`, `batch`, `lr`): the winning candidate in x_T units, its held-out ratio, and
     the losses."""
     norm = settings.norm * math.sqrt(math.prod(model.sample_shape))
     u, ratios, losses = search_response_ratio(model, frac, direction, norm, settings.restarts, settings.coarse,
                                               settings.epochs, settings.fine_epochs, settings.batch, settings.lr,
-                                              generator, description, progress)
+                                              generator, description, progress, gamma)
     pick = int(ratios.argmin() if direction == "min" else ratios.argmax())
     return u[pick] * noise_scale(model), float(ratios[pick]), losses

@@ -17,8 +17,10 @@ the generated images with their total-variation loss under a fitted threshold. N
    response ratio λ̂ (`common.response_ratios`, paired, fixed norm, zero-mean) at several steps: lowest at T,
    where an ancestral-sampler backdoor carries only ρ_T ≈ 0.5 of its trigger, and highest mid-chain (`0.5:max`),
    where an ODE backdoor (VillanDiffusion's doubled correction: λ = 1 at T, so invisible there) carries *more*
-   of it than the offset it leaves in x_t; each search's winner is sampled and the one whose samples
-   collapse most is the inverted trigger.
+   of it than the offset it leaves in x_t, and lowest at T on scaled noise γ·ε (`1.0:min:0.6`), where a TrojDiff
+   trojan input x_T = γ·ε + τ lives (its backdoor fires only from scaled noise, with the ddpm sampler's step
+   noise scaled by γ too: so are that search's samples); each search's winner is sampled and the one whose
+   samples collapse most is the inverted trigger, with its γ.
 4. Dual-modal score = collapse + w_tv·|log(TV(ε+τ samples) / TV(baseline samples))|, collapse = 1 − U(ε+τ)/U(ε)
    (U = uniformity, see `common.uniformity`); baseline ε (the paper's) or, by default, ε + τ turned 180° (any
    offset of τ's size changes the texture of a clean model's DDIM samples, the turned trigger cancels that);
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from sealdiff.config import check_choice
 from sealdiff.detection import Detector, check_positive, help_field
 from sealdiff.detection import common as C
-from sealdiff.detection.elijah import detection_statistics, offset_samples
+from sealdiff.detection.elijah import detection_statistics, offset_samples, trojan_samplers
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ class DiffDefendConfig:
     objective: Objective = help_field("ratio: response-ratio searches at `searches` (sealdiff's); paper: the joint "
                                       "fit at `fracs`", default="ratio")
     searches: tuple[str, ...] = help_field("ratio: 'frac:min' or 'frac:max' searches (frac of T; min finds triggers "
-                                           "the model under-carries, max ones it over-carries)",
-                                           default=("1.0:min", "0.5:max"))
+                                           "the model under-carries, max ones it over-carries), optionally "
+                                           "':gamma' for inputs γ·ε + τ (TrojDiff's trojan noise; VP models only, "
+                                           "skipped for ncsn; 0.6 is TrojDiff's blend default)",
+                                           default=("1.0:min", "0.5:max", "1.0:min:0.6"))
     norm: float = help_field("ratio: ‖τ‖ of the candidates as a fraction of √d (d values in x_T; ε has norm ≈ √d)",
                              default=0.2)
     restarts: int = help_field("ratio: random starts per search, optimised in parallel", default=8)
@@ -118,18 +122,21 @@ class DiffDefendConfig:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
 
 
-def parse_searches(searches: tuple[str, ...]) -> list[tuple[float, str]]:
-    """'frac:direction' strings -> (frac, 'min' | 'max'); a bad entry is a `SealdiffError` naming the valid form."""
+def parse_searches(searches: tuple[str, ...]) -> list[tuple[float, str, float]]:
+    """'frac:direction[:gamma]' strings -> (frac, 'min' | 'max', γ (default 1)); a bad entry is a `SealdiffError`
+    naming the valid form."""
     parsed = []
     for item in searches:
-        frac, _, direction = str(item).partition(":")
+        parts = str(item).split(":")
         try:
-            value = float(frac)
+            value, gamma = float(parts[0]), float(parts[2]) if len(parts) == 3 else 1.0
         except ValueError:
-            value = -1.0
-        if direction not in ("min", "max") or not 0.0 < value <= 1.0:
-            raise SealdiffError(f"search {item!r} is invalid; valid: 'FRAC:min' or 'FRAC:max' with 0 < FRAC <= 1")
-        parsed.append((value, direction))
+            value, gamma = -1.0, 1.0
+        if len(parts) not in (2, 3) or parts[1] not in ("min", "max") or not 0.0 < value <= 1.0 \
+                or not 0.0 < gamma <= 1.0:
+            raise SealdiffError(f"search {item!r} is invalid; valid: 'FRAC:min' or 'FRAC:max' with 0 < FRAC <= 1, "
+                                "optionally ':GAMMA' with 0 < GAMMA <= 1")
+        parsed.append((value, parts[1], gamma))
     if not parsed:
         raise SealdiffError("searches is empty; valid: one or more 'FRAC:min' / 'FRAC:max'")
     return parsed
@@ -171,12 +178,16 @@ class DiffDefendDetector(Detector):
         consistency = (stacked - stacked.mean(0, keepdim=True)).abs().mean()
         return torch.stack(fits).mean(), consistency
 
+    def invert_scaled(self, model) -> tuple[torch.Tensor, float, list[float]]:
+        if self.config.objective == "ratio":
+            return self.invert_by_ratio(model, torch.Generator().manual_seed(self.config.seed))
+        return super().invert_scaled(model)
+
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
+        """The paper's joint fit (`objective='paper'`, x_T = ε + τ); `invert_scaled` runs the configured objective."""
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
-        if cfg.objective == "ratio":
-            return self.invert_by_ratio(model, gen)
         bank = model_bank(model, cfg.batch, cfg.bank_steps, gen)
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
@@ -188,34 +199,41 @@ class DiffDefendDetector(Detector):
         losses = C.optimize_trigger(unet, u, loss, "DiffDefend inversion", cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
 
-    def invert_by_ratio(self, model, gen: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+    def invert_by_ratio(self, model, gen: torch.Generator) -> tuple[torch.Tensor, float, list[float]]:
         cfg = self.config
-        best, best_score, losses = None, -float("inf"), []
-        for frac, direction in parse_searches(cfg.searches):
+        best, best_gamma, best_score, losses = None, 1.0, -float("inf"), []
+        for frac, direction, gamma in parse_searches(cfg.searches):
+            if gamma != 1.0 and model.kind == "ncsn":
+                continue  # a VE model has no scaled-noise (trojan) process
+            name = f"{frac}:{direction}" + (f":{gamma}" if gamma != 1.0 else "")
             trigger, ratio, run = C.best_ratio_trigger(model, cfg, frac, direction, gen,
-                                                       f"DiffDefend inversion {frac}:{direction}", cfg.progress)
+                                                       f"DiffDefend inversion {name}", cfg.progress, gamma)
             losses += run
-            stats = self.statistics(model, trigger)
+            stats = self.statistics(model, trigger, gamma)
             # collapse, not the dual score, picks: the TV term of a harmless candidate is noisy (clean DDPM: |log| ~0.6)
             score = stats["collapse"]
-            logger.info("DiffDefend search %s:%s: ratio %.3f, collapse %.3f %s", frac, direction, ratio, score,
+            logger.info("DiffDefend search %s: ratio %.3f, collapse %.3f %s", name, ratio, score,
                         {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
             if score > best_score:
-                best, best_score = trigger, score
-        return best, losses
+                best, best_gamma, best_score = trigger, gamma, score
+        if best is None:
+            raise SealdiffError(f"searches {cfg.searches!r} hold no search for a {model.kind} model (its noise is "
+                                "never scaled); add one without ':gamma'")
+        return best, best_gamma, losses
 
-    def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
+    def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0) -> dict[str, float]:
         cfg = self.config
-        stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, 0.25, cfg.seed)
+        stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, 0.25, cfg.seed,
+                                     gamma)
         tv_log_ratio = stats["tv_log_ratio"]
         if cfg.tv_baseline == "rotated":
             # any offset of this size and spectrum changes the samples' texture (a clean DDPM's DDIM samples:
             # |log TV ratio| ≈ 0.57 against ε alone); τ turned 180° is such an offset but not the trigger
             # on the sampler the unsuffixed statistics come from (the first with the highest collapse)
-            samplers = C.detection_samplers(model, cfg.samplers)
+            samplers = trojan_samplers(model, cfg.samplers, gamma)
             sampler = max(samplers, key=lambda name: stats[f"collapse_{name}"])
             rotated = offset_samples(model, trigger.flip(-2, -1), cfg.samples, sampler,
-                                     C.sample_steps(model, cfg.sample_steps), cfg.seed)
+                                     C.sample_steps(model, cfg.sample_steps), cfg.seed, gamma)
             stats["tv_rotated"] = C.total_variation(rotated)
             tv_log_ratio = math.log(max(stats["tv"], 1e-8) / max(stats["tv_rotated"], 1e-8))
             stats["tv_log_ratio_rotated"] = tv_log_ratio

@@ -98,23 +98,27 @@ def elijah_loss(model, unet, noise: torch.Tensor, u: torch.Tensor, lam: float) -
     return F.l1_loss(out.mean(0), lam * u.squeeze(0))
 
 
-def offset_samples(model, offset: torch.Tensor, samples: int, sampler: str, steps: int, seed: int) -> torch.Tensor:
-    """Images from the detection's fixed noise (seed + 1) plus `offset`, sampled with step noise seed + 2; every
-    detection statistic compares such sets on the same noise."""
+def offset_samples(model, offset: torch.Tensor, samples: int, sampler: str, steps: int, seed: int,
+                   gamma: float = 1.0) -> torch.Tensor:
+    """Images from the detection's fixed noise (seed + 1), scaled by `gamma`, plus `offset`, sampled with step noise
+    seed + 2; every detection statistic compares such sets on the same noise."""
     x_T = C.noise_like(model, samples, torch.Generator().manual_seed(seed + 1)) * C.noise_scale(model)
-    return C.generate(model, x_T + offset, sampler, steps, torch.Generator().manual_seed(seed + 2))
+    return C.generate(model, gamma * x_T + offset, sampler, steps, torch.Generator().manual_seed(seed + 2),
+                      gamma=gamma)
 
 
 def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: tuple[str, ...] | None,
-                         steps: int | None, trim: float, seed: int) -> dict[str, float]:
+                         steps: int | None, trim: float, seed: int, gamma: float = 1.0) -> dict[str, float]:
     """Uniformity and total variation of samples from ε+τ, against samples from the same ε without τ, per stock
-    sampler; the unsuffixed statistics are those of the sampler with the highest collapse."""
+    sampler; the unsuffixed statistics are those of the sampler with the highest collapse. With `gamma` < 1
+    (x_T = γ·ε + τ) both sets come from γ·ε and only the ddpm sampler, its step noise scaled by γ: TrojDiff's
+    trojan process."""
     stats: dict[str, float] = {}
     best = None
     steps = C.sample_steps(model, steps)
-    for sampler in C.detection_samplers(model, samplers):
-        triggered = offset_samples(model, trigger, samples, sampler, steps, seed)
-        clean = offset_samples(model, torch.zeros_like(trigger), samples, sampler, steps, seed)
+    for sampler in trojan_samplers(model, samplers, gamma):
+        triggered = offset_samples(model, trigger, samples, sampler, steps, seed, gamma)
+        clean = offset_samples(model, torch.zeros_like(trigger), samples, sampler, steps, seed, gamma)
         u_trig, u_clean = C.uniformity(triggered, trim), C.uniformity(clean, trim)
         tv_trig, tv_clean = C.total_variation(triggered), C.total_variation(clean)
         one = {"uniformity": u_trig, "uniformity_clean": u_clean, "collapse": 1.0 - u_trig / max(u_clean, 1e-8),
@@ -126,6 +130,15 @@ def detection_statistics(model, trigger: torch.Tensor, samples: int, samplers: t
     stats.update(best)
     stats["trigger_l2"] = float(trigger.norm())
     return stats
+
+
+def trojan_samplers(model, samplers: tuple[str, ...] | None, gamma: float) -> tuple[str, ...]:
+    """`common.detection_samplers`, or only ddpm for a scaled input (γ < 1; VP models only)."""
+    if gamma == 1.0:
+        return C.detection_samplers(model, samplers)
+    if model.kind == "ncsn":
+        raise SealdiffError(f"noise scale {gamma} applies to VP models (ddpm, ldm), not ncsn")
+    return ("ddpm",)
 
 
 class ElijahDetector(Detector):
@@ -146,17 +159,18 @@ class ElijahDetector(Detector):
                                     cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
 
-    def statistics(self, model, trigger: torch.Tensor) -> dict[str, float]:
+    def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0) -> dict[str, float]:
         cfg = self.config
-        stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, cfg.trim, cfg.seed)
+        stats = detection_statistics(model, trigger, cfg.samples, cfg.samplers, cfg.sample_steps, cfg.trim, cfg.seed,
+                                     gamma)
         if trigger.abs().sum() > 0:
-            stats["shift_ratio"] = shift_ratio(model, trigger, 1.0, cfg.seed)
+            stats["shift_ratio"] = shift_ratio(model, trigger, 1.0, cfg.seed, gamma=gamma)
         return stats
 
 
 @torch.no_grad()
-def shift_ratio(model, trigger: torch.Tensor, frac: float, seed: int, batch: int = 32) -> float:
+def shift_ratio(model, trigger: torch.Tensor, frac: float, seed: int, batch: int = 32, gamma: float = 1.0) -> float:
     """λ̂ of `trigger` (x_T units) at `frac` on a fixed noise batch (`common.response_ratios`)."""
     noise = C.noise_like(model, batch, torch.Generator().manual_seed(seed + 3))
     u = (trigger / C.noise_scale(model)).unsqueeze(0)
-    return float(C.response_ratios(model, model.unet, noise, u, C.level(model, frac))[0])
+    return float(C.response_ratios(model, model.unet, noise, u, C.level(model, frac), gamma)[0])
