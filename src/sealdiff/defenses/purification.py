@@ -47,7 +47,7 @@ class PurificationConfig:
                                                default="x0")
     trigger_scale_low: float = help_field("lowest strength k of the stamped k·τ (drawn uniformly up to "
                                           "trigger_scale_high)", default=0.5)
-    trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=3.0)
+    trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=6.0)
     bank_size: int = help_field("reference-generated images (no real data)", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
