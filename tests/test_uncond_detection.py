@@ -304,6 +304,17 @@ def test_scan_result_is_reproducible(pair):
     assert torch.equal(a.trigger, b.trigger) and a.scores == b.scores
 
 
+
+def test_diffdefend_scan_reuses_the_statistics_of_the_search_it_picked(scans, pair):
+    """The searches measure each candidate to pick one; the scan reports the winner's statistics without sampling
+    again — they must be those of the trigger it returns (a fresh measurement gives the same numbers)."""
+    _, bd = pair
+    result = scans["diffdefend"]["backdoored"]
+    fresh = get_detector("diffdefend").make(progress=False, **FAST["diffdefend"]).statistics(bd, result.trigger,
+                                                                                              result.noise_scale)
+    assert result.scores == pytest.approx(fresh, rel=1e-5, abs=1e-6)
+    assert result.score == result.scores["dual"]
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

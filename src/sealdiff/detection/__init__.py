@@ -55,10 +55,22 @@ class ScanResult:
                 "config": self.config, "losses": list(self.losses)}
 
 
+@dataclass
+class Inversion:
+    """An inverted trigger with the noise scale γ of its input x_T = γ·ε + trigger, the optimisation's losses and,
+    when the inversion already measured them on this trigger (to choose among candidates), its statistics."""
+
+    trigger: torch.Tensor
+    noise_scale: float = 1.0
+    losses: list[float] = field(default_factory=list)
+    scores: dict[str, float] | None = None
+
+
 class Detector:
     """Base class: subclasses set `name`, take their config in `__init__`, and implement `invert` and
     `statistics`; `scan` times the whole run and applies the threshold. A detector whose inversion also finds the
-    noise scale γ of the input (x_T = γ·ε + τ) overrides `invert_scaled` instead of `invert`."""
+    noise scale γ of the input (x_T = γ·ε + τ), or measures its candidates' statistics, overrides `inversion`
+    instead of `invert`."""
 
     name = "detector"
     primary = "score"
@@ -69,10 +81,10 @@ class Detector:
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def invert_scaled(self, model) -> tuple[torch.Tensor, float, list[float]]:
-        """(trigger, noise scale γ, losses); γ = 1 unless the detector searches it."""
+    def inversion(self, model) -> Inversion:
+        """The inverted trigger; γ = 1 unless the detector searches it."""
         trigger, losses = self.invert(model)
-        return trigger, 1.0, losses
+        return Inversion(trigger, losses=losses)
 
     def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0
                    ) -> dict[str, float]:  # pragma: no cover - abstract
@@ -82,14 +94,14 @@ class Detector:
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            trigger, gamma, losses = self.invert_scaled(model)
-            trigger = trigger.detach().to("cpu", torch.float32)
-            scores = self.statistics(model, trigger, gamma)
+            found = self.inversion(model)
+            trigger, gamma = found.trigger.detach().to("cpu", torch.float32), found.noise_scale
+            scores = found.scores if found.scores is not None else self.statistics(model, trigger, gamma)
         score = float(scores[self.primary])
         threshold = float(self.config.threshold)
         return ScanResult(method=self.name, backdoored=score >= threshold, score=score, threshold=threshold,
                           scores=scores, trigger=trigger, seconds=time.perf_counter() - start,
-                          config=dataclasses.asdict(self.config), losses=losses, noise_scale=float(gamma))
+                          config=dataclasses.asdict(self.config), losses=found.losses, noise_scale=float(gamma))
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,7 @@ def check_positive(values: dict[str, Any], integer: bool = True) -> None:
             raise SealdiffError(f"{name} {value!r} is invalid; valid: {kind}")
 
 
-__all__ = ["DETECTORS", "Detector", "DetectorSpec", "ScanResult", "check_positive", "get_detector", "help_field"]
+__all__ = ["DETECTORS", "Detector", "DetectorSpec", "Inversion", "ScanResult", "check_positive", "get_detector", "help_field"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from sealdiff.config import check_choice
-from sealdiff.detection import Detector, check_positive, help_field
+from sealdiff.detection import Detector, Inversion, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.detection.elijah import detection_statistics, offset_samples, trojan_samplers
 from sealdiff.errors import SealdiffError
@@ -178,13 +178,13 @@ class DiffDefendDetector(Detector):
         consistency = (stacked - stacked.mean(0, keepdim=True)).abs().mean()
         return torch.stack(fits).mean(), consistency
 
-    def invert_scaled(self, model) -> tuple[torch.Tensor, float, list[float]]:
+    def inversion(self, model) -> Inversion:
         if self.config.objective == "ratio":
             return self.invert_by_ratio(model, torch.Generator().manual_seed(self.config.seed))
-        return super().invert_scaled(model)
+        return super().inversion(model)
 
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
-        """The paper's joint fit (`objective='paper'`, x_T = ε + τ); `invert_scaled` runs the configured objective."""
+        """The paper's joint fit (`objective='paper'`, x_T = ε + τ); `inversion` runs the configured objective."""
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -199,9 +199,9 @@ class DiffDefendDetector(Detector):
         losses = C.optimize_trigger(unet, u, loss, "DiffDefend inversion", cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
 
-    def invert_by_ratio(self, model, gen: torch.Generator) -> tuple[torch.Tensor, float, list[float]]:
+    def invert_by_ratio(self, model, gen: torch.Generator) -> Inversion:
         cfg = self.config
-        best, best_gamma, best_score, losses = None, 1.0, -float("inf"), []
+        best, losses = None, []
         for frac, direction, gamma in parse_searches(cfg.searches):
             if gamma != 1.0 and model.kind == "ncsn":
                 continue  # a VE model has no scaled-noise (trojan) process
@@ -214,12 +214,13 @@ class DiffDefendDetector(Detector):
             score = stats["collapse"]
             logger.info("DiffDefend search %s: ratio %.3f, collapse %.3f %s", name, ratio, score,
                         {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
-            if score > best_score:
-                best, best_gamma, best_score = trigger, gamma, score
+            if best is None or score > best.scores["collapse"]:
+                best = Inversion(trigger, gamma, scores=stats)
         if best is None:
             raise SealdiffError(f"searches {cfg.searches!r} hold no search for a {model.kind} model (its noise is "
                                 "never scaled); add one without ':gamma'")
-        return best, best_gamma, losses
+        best.losses = losses
+        return best
 
     def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0) -> dict[str, float]:
         cfg = self.config
