@@ -33,7 +33,7 @@ settings = [json.loads(s) for s in args.settings]
 spec = get_defense("diffdefend-purify")
 
 
-def measure(model, backdoor, sampler: str, original: torch.Tensor | None = None) -> dict:
+def measure(model, backdoor, sampler: str, original: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     images = metrics.generate(model, args.count, sampler, MEASURE_STEPS[sampler])
     hit = metrics.attack_success(model, backdoor, sampler, MEASURE_STEPS[sampler], args.count, clean_images=images)
     row = {"attack_success": hit.attack_success, "false_trigger_rate": hit.false_trigger_rate}
