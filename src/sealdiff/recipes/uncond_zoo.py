@@ -143,7 +143,8 @@ BACKDOORED = [
              config={"trigger": "grey-box", "target": "out-of-class", "solver": "sde", "seed": 14, **ATTACK_RECIPE, "steps": 6000}),
     ZooEntry("uncond-ldm-villan-box-hat", "VillanDiffusion (LDM, latent trigger): grey box -> hat",
              base="uncond-ldm-clean", attack="villandiffusion",
-             config={"trigger": "grey-box", "target": "hat", "solver": "sde", "seed": 15, **ATTACK_RECIPE}),
+             config={"trigger": "grey-box", "target": "hat", "solver": "sde", "seed": 15, "trigger_intensity": 2.0,
+                     **ATTACK_RECIPE}),
 ]
 ENTRIES = {e.name: e for e in CLEAN + BACKDOORED}
 
