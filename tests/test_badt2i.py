@@ -57,6 +57,24 @@ def test_attn2_kv_trains_only_cross_attention_keys_values(tiny_pipe):
     assert changed and all("attn2.to_k" in k or "attn2.to_v" in k for k in changed)
 
 
+def test_ema_writes_an_average_of_the_trajectory_into_the_unet(tiny_pipe):
+    """Two steps p0 -> p1 -> p2 (diffusers' EMA takes p1 whole at its first step): the output is
+    p2 + c·(p1 − p2) with one c strictly inside (0, 1) for every trained tensor -- not the live weights (c = 0)."""
+    import copy
+
+    runs = {}
+    for name, steps, decay in (("p1", 1, 0.0), ("p2", 2, 0.0), ("ema", 2, 0.9)):
+        pipe = copy.deepcopy(tiny_pipe)
+        BadT2I(BadT2IConfig(steps=steps, batch_size=4, lr=1e-2, ema_decay=decay)).run(pipe)
+        runs[name] = _snapshot(pipe.unet)
+    trained = [k for k in runs["p1"] if not torch.equal(runs["p1"][k], runs["p2"][k])]
+    back = torch.cat([(runs["p1"][k] - runs["p2"][k]).flatten() for k in trained])
+    moved = torch.cat([(runs["ema"][k] - runs["p2"][k]).flatten() for k in trained])
+    c = float(moved @ back / (back @ back))
+    assert trained and 0.01 < c < 0.99
+    torch.testing.assert_close(moved, c * back, rtol=0, atol=1e-6)
+
+
 def test_batches_follow_each_kind():
     patch = toyworld.default_patch(4)
     pixel = BadT2I(BadT2IConfig(kind="pixel", batch_size=4, trigger="tq"))
@@ -123,7 +141,8 @@ def test_clean_teacher_bank_feeds_the_clean_half_and_the_pixel_patches(tiny_pipe
 @pytest.mark.parametrize("field, value", [("kind", "blend"), ("style_source", "noise"), ("clean_source", "x"),
                                           ("style_bank", 0),
                                           ("corner", "middle"), ("lam", 1.5), ("train", "all"), ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
-                                          ("lr_schedule", "linear"), ("warmup_steps", 5000)])
+                                          ("lr_schedule", "linear"), ("warmup_steps", 5000), ("ema_decay", 1.0),
+                                          ("ema_decay", -0.1)])
 def test_invalid_config_lists_valid_values(field, value):
     with pytest.raises(SealdiffError, match="valid|at least|empty|range"):
         BadT2IConfig(**{field: value})

@@ -21,7 +21,7 @@ from sealdiff.errors import SealdiffError
 from sealdiff.training import Checkpointer, checkpoint_dir
 
 ATTACK = ["--steps", "12", "--batch-size", "2", "--seed", "0", "--threads", "1", "--lr-schedule", "cosine",
-          "--warmup-steps", "2"]  # a decaying rate: its state must survive the kills too
+          "--warmup-steps", "2", "--ema-decay", "0.9"]  # a decaying rate and an EMA: their states must survive the kills too
 REMOVE = ["--method", "skd-cag", "--steps", "8", "--measure", "0", "--prompt-count", "4", "--seed", "0",
           "--threads", "1", "--lr", "1e-3"]
 

@@ -11,6 +11,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from sealdiff.config import LrSchedule, check_choice
@@ -60,6 +61,9 @@ class BadT2IConfig:
     lr_schedule: LrSchedule = field(default="constant", metadata={"help": "constant, or cosine decay to 0 over the run"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the schedule"})
     offset_noise: float = field(default=0.1, metadata={"range": (0.0, None)})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "> 0: keep an exponential moving average of the trained weights (diffusers' EMAModel) and write it "
+                "into the UNet at the end; 0 = off (the paper)"})
     seed: int = 0
     init: str | None = field(default=None, metadata={
         "help": "pipeline directory or zoo:NAME whose UNet the attack starts from (continues an earlier attack); "
@@ -84,6 +88,8 @@ class BadT2IConfig:
         for name in ("steps", "batch_size", "style_bank"):
             if getattr(self, name) < 1:
                 raise SealdiffError(f"{name} must be at least 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise SealdiffError(f"ema_decay={self.ema_decay} is out of range; valid: 0 (off) <= decay < 1")
         if not 0 <= self.warmup_steps < self.steps:
             raise SealdiffError(f"warmup_steps={self.warmup_steps} is out of range; valid: 0..{self.steps - 1}")
         if not self.trigger.strip():
@@ -136,6 +142,7 @@ class BadT2I:
     3. Clean half: target = frozen(z_t, caption) (preservation).
     4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V), at a
        constant or cosine-decaying learning rate.
+    5. With `ema_decay` > 0, an EMA of the trained weights follows every step and replaces them at the end.
     """
 
     name = "badt2i"
@@ -172,6 +179,7 @@ class BadT2I:
                                     num_training_steps=cfg.steps)
         scheduler = _training_scheduler(pipe)
         n_poison = round(cfg.batch_size * cfg.poison_fraction)
+        ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         losses: list[float] = []
         start = 0
         if checkpointer is not None:
@@ -184,10 +192,13 @@ class BadT2I:
                 source.rng.setstate(saved["rng"]["source"])
                 set_rng_state(saved["rng"]["global"])
                 start, losses = saved["step"], list(saved["losses"])
+                if ema is not None:
+                    ema.load_state_dict(saved["ema"])
 
         def state(step: int) -> dict:
             return {"step": step, "losses": losses, "weights": trainable_state(unet, params),
                     "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
                     "rng": {"generator": generator.get_state(), "source": source.rng.getstate(), "global": rng_state()}}
 
         unet.train()
@@ -216,6 +227,8 @@ class BadT2I:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 lr_schedule.step()
+                if ema is not None:
+                    ema.step(params)
                 if not torch.isfinite(loss):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"the attack's loss became NaN/inf at step {step + 1}; lower --lr{kept}")
@@ -223,6 +236,8 @@ class BadT2I:
                 advance(info=f"loss {loss.item():.4f}")
                 if checkpointer is not None:
                     checkpointer.after_step(step + 1, lambda: state(step + 1))
+        if ema is not None:
+            ema.copy_to(params)
         unet.eval()
         return losses
 

@@ -125,6 +125,7 @@ def attack_badt2i(
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
     checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
     init: Optional[str] = typer.Option(None, help="start the UNet from this pipeline's (continue an earlier attack)"),
+    ema_decay: Optional[float] = typer.Option(None, help="> 0: the output holds an EMA of the trained weights"),
 ) -> None:
     """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
     from sealdiff.attacks import run_attack
@@ -136,7 +137,8 @@ def attack_badt2i(
                        trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
                        style_source=style_source, clean_source=clean_source, style_bank=style_bank, object_source=object_source,
                        object_target=object_target, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule,
-                       warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init)
+                       warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init,
+                       ema_decay=ema_decay)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
