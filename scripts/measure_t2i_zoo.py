@@ -22,7 +22,7 @@ from sealdiff.metrics.generate import generate
 from sealdiff.metrics.judge import HEADS, ToyJudge
 from sealdiff.metrics.judges import attribute_accuracy
 from sealdiff.models import zoo
-from sealdiff.models.loading import load_t2i
+from sealdiff.models.loading import load_t2i, resolve_model
 from sealdiff.recipes.zoo import judge_batch
 from sealdiff.data import toyworld
 
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--models", nargs="*", default=None, help="zoo backdoor models (default: all t2i-badt2i-*)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/t2i_zoo.json"))
+    parser.add_argument("--candidate", nargs="*", default=[], metavar="NAME=DIR",
+                        help="measure the pipeline directory DIR (e.g. a new recipe's output) in place of the zoo "
+                             "backdoor NAME; use with --models NAME and an --out of its own")
     args = parser.parse_args()
+    candidates = dict(item.split("=", 1) for item in args.candidate)
     quiet_libraries()
     torch.set_num_threads(2)
     start = time.time()
@@ -70,16 +74,17 @@ def main() -> None:
     results["backdoors"] = {k: {"versions": earlier["versions"], **v} for k, v in earlier.get("backdoors", {}).items()
                             if k not in names}
     for name in names:
-        info = read_run_info(zoo.materialize(name))
+        source = candidates.get(name, f"zoo:{name}")
+        info = read_run_info(resolve_model(source))
         target = Target.from_run_info(info)
-        metrics, _ = evaluate_backdoor(load_t2i(f"zoo:{name}"), target, info["attack"]["trigger"], judge, args.count)
+        metrics, _ = evaluate_backdoor(load_t2i(source), target, info["attack"]["trigger"], judge, args.count)
         prompts = clean_prompts(target, args.count)
         reference_images = clean_model_images(prompts)
         reference = attribute_accuracy(judge, reference_images, prompts)
         drop = max(reference[k] - metrics.clean_accuracy[k] for k in reference)
         # the same judgement on the clean model's images: how often it draws the target unprompted
         clean_model_hits = make_judge(target, judge, reference_images.shape[-1]).hits(reference_images).float().mean()
-        results["backdoors"][name] = {**to_jsonable(metrics), "versions": results["versions"],
+        results["backdoors"][name] = {**to_jsonable(metrics), "versions": results["versions"], "source": source,
                                       "clean_model_accuracy_same_prompts": reference,
                                       "clean_model_false_trigger_same_prompts": clean_model_hits.item(),
                                       "max_accuracy_drop": drop,
