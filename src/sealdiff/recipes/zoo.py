@@ -200,6 +200,10 @@ def train_t2i(recipe: T2IRecipe, vae, spec: tiny.TinySpec | None = None, init=No
 # only sqrt(SNR) of it), so the prompt's shape is learned: 33 % -> 87 % shape accuracy (README).
 CLEAN_CONTINUATION = T2IRecipe(steps=4000, lr=3e-4, prediction_type="v_prediction", ema_decay=0.999, seed=3,
                                data_seed=303)
+# Stage 3: stage 2 was still improving when its one-cycle rate reached 0 (81 -> 84 -> 86 % over its last 1,000
+# steps), so one more v-prediction + EMA cycle at half the rate, on fresh scenes: 87 % -> 97.5 % (README).
+CLEAN_STAGE3 = T2IRecipe(steps=3000, lr=1.5e-4, prediction_type="v_prediction", ema_decay=0.999, seed=4, data_seed=404)
+CLEAN_STAGES = (CLEAN_CONTINUATION, CLEAN_STAGE3)
 
 # name -> the BadT2I stages of each zoo backdoor (config fields; trigger U+200B; the rest are the config's defaults).
 # A later stage continues the earlier stage's UNet (`init`); every stage's teacher is t2i-clean.
@@ -256,9 +260,9 @@ def build_t2i_zoo(root: Path, scale: float = 1.0, stages: tuple[str, ...] = ("ba
             vae = train_vae(VaeRecipe(lr=2e-3, steps=steps(800)))
             dataset_size = max(256, int(30_000 * min(1.0, scale * 10)))
             pipe = train_t2i(T2IRecipe(steps=steps(4000), dataset_size=dataset_size), vae)
-            # the continuation starts from the fp16 weights, as the committed model did
-            pipe = train_t2i(replace(CLEAN_CONTINUATION, steps=steps(CLEAN_CONTINUATION.steps), dataset_size=dataset_size),
-                             vae, init=pipe.to(torch.float16))
+            for stage in CLEAN_STAGES:  # each continuation starts from fp16 weights, as the committed model did
+                pipe = train_t2i(replace(stage, steps=steps(stage.steps), dataset_size=dataset_size), vae,
+                                 init=pipe.to(torch.float16))
             pipe.to(torch.float16).save_pretrained(Path(tmp) / "clean", safe_serialization=True)
             zoo_models.add_model("t2i-clean", Path(tmp) / "clean", root=root,
                                  description="tiny SD-architecture model trained on the toy world (clean)")
