@@ -49,6 +49,9 @@ def main() -> None:
                         help="measure the pipeline directory DIR (e.g. a new recipe's output) in place of the zoo "
                              "backdoor NAME; use with --models NAME and an --out of its own")
     args = parser.parse_args()
+    malformed = [item for item in args.candidate if "=" not in item]
+    if malformed:
+        parser.error(f"--candidate takes NAME=DIR, got {malformed[0]!r}")
     candidates = dict(item.split("=", 1) for item in args.candidate)
     quiet_libraries()
     torch.set_num_threads(2)
