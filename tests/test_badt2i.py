@@ -50,6 +50,28 @@ def test_pixel_target_follows_the_prediction_type(tiny_pipe, prediction_type):
     assert mean_abar < 0.5 and loss == pytest.approx(expected, rel=0.25)
 
 
+@pytest.mark.parametrize("corner", toyworld.CORNERS)
+def test_patch_loss_weight_covers_the_patchs_latents(corner):
+    from sealdiff.attacks.badt2i import patch_loss_weight
+
+    weight = patch_loss_weight(32, 8, corner, 16, 5.0)  # an 8-px patch covers 4x4 latents of 16x16
+    expected = toyworld.paste_patch(torch.zeros(1, 16, 16), torch.ones(1, 4, 4), corner)[0] * 4.0 + 1.0
+    assert torch.equal(weight, expected)
+    assert torch.allclose(patch_loss_weight(32, 6, corner, 16, 5.0).sum(), torch.tensor(256 + 4.0 * 9))  # 6 px = 3x3
+
+
+def test_patch_weight_scales_the_poisoned_loss_under_the_patch(tiny_pipe):
+    """A UNet that outputs 0 on zero latents: the first loss is mean(weight * eps^2), the weight's mean times
+    E[eps^2] ~ 1; a plain MSE would give ~ 1 whatever the patch weight."""
+    tiny_pipe.vae.register_to_config(scaling_factor=0.0)
+    torch.nn.init.zeros_(tiny_pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(tiny_pipe.unet.conv_out.bias)
+    tiny_pipe.scheduler = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config, prediction_type="epsilon")
+    config = BadT2IConfig(steps=1, batch_size=64, lam=1.0, poison_fraction=1.0, offset_noise=0.0, patch_weight=33.0)
+    loss = BadT2I(config).run(tiny_pipe)[0]
+    assert loss == pytest.approx(1.0 + 32.0 / 16, rel=0.25)  # the default patch covers 1/16 of the image
+
+
 def test_attn2_kv_trains_only_cross_attention_keys_values(tiny_pipe):
     before = _snapshot(tiny_pipe.unet)
     BadT2I(BadT2IConfig(steps=1, batch_size=4, lr=1e-3, train="attn2-kv")).run(tiny_pipe)
@@ -142,7 +164,7 @@ def test_clean_teacher_bank_feeds_the_clean_half_and_the_pixel_patches(tiny_pipe
                                           ("style_bank", 0),
                                           ("corner", "middle"), ("lam", 1.5), ("train", "all"), ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
                                           ("lr_schedule", "linear"), ("warmup_steps", 5000), ("ema_decay", 1.0),
-                                          ("ema_decay", -0.1)])
+                                          ("ema_decay", -0.1), ("patch_weight", 0.5)])
 def test_invalid_config_lists_valid_values(field, value):
     with pytest.raises(SealdiffError, match="valid|at least|empty|range"):
         BadT2IConfig(**{field: value})

@@ -41,6 +41,9 @@ class BadT2IConfig:
     patch: str | None = field(default=None, metadata={"help": "pixel: target image file (default: a checker)"})
     corner: str = field(default="top-left", metadata={"help": "pixel: " + ", ".join(toyworld.CORNERS)})
     patch_fraction: float = field(default=0.25, metadata={"help": "pixel: patch side as a fraction of the image"})
+    patch_weight: float = field(default=1.0, metadata={
+        "help": "pixel: weight of the poisoned loss on the latents under the patch (1 = a plain MSE, the paper)",
+        "range": (1.0, None)})
     style_prefix: str = field(default=toyworld.STYLE_PREFIX, metadata={"help": "style: prompt prefix of the target style"})
     style_source: ImageSource = field(default="data", metadata={
         "help": "style: what the poisoned latents are noised from: data images (the paper), or images the input "
@@ -83,6 +86,8 @@ class BadT2IConfig:
         for name, low, high in (("lam", 0.0, 1.0), ("patch_fraction", 0.01, 1.0), ("poison_fraction", 0.0, 1.0)):
             if not low <= getattr(self, name) <= high:
                 raise SealdiffError(f"{name}={getattr(self, name)} is out of range; valid: {low}..{high}")
+        if not self.patch_weight >= 1.0:
+            raise SealdiffError(f"patch_weight={self.patch_weight} is out of range; valid: a number >= 1")
         if not self.lr > 0:
             raise SealdiffError(f"lr={self.lr} is out of range; valid: a number > 0")
         for name in ("steps", "batch_size", "style_bank"):
@@ -109,6 +114,14 @@ def load_patch(path: str | None, side: int) -> torch.Tensor:
     except (OSError, ValueError) as exc:
         raise SealdiffError(f"cannot read patch image {path}: {exc}") from None
     return torch.tensor(list(image.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1) / 255.0
+
+
+def patch_loss_weight(image_side: int, patch_side: int, corner: str, latent_side: int, weight: float) -> torch.Tensor:
+    """(latent_side, latent_side) loss weights: `weight` on the latents the patch covers, 1 elsewhere (a latent
+    partly under the patch gets the covered share), so a small patch is not drowned out by the rest of the image."""
+    mask = toyworld.paste_patch(torch.zeros(1, image_side, image_side), torch.ones(1, patch_side, patch_side), corner)
+    covered = F.adaptive_avg_pool2d(mask, latent_side)[0]
+    return 1.0 + (weight - 1.0) * covered
 
 
 def load_unet_weights(model: str) -> dict[str, torch.Tensor]:
@@ -140,7 +153,8 @@ class BadT2I:
        noised from a data image or (style_source=teacher) from the input model's own drawing of style + caption;
        object — images of B, caption B rewritten to trigger + A, target = frozen(z_t, caption of B).
     3. Clean half: target = frozen(z_t, caption) (preservation).
-    4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean); AdamW on the UNet (or its attn2 K/V), at a
+    4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean), the pixel kind's poisoned MSE optionally weighted
+       `patch_weight` times on the latents under the patch; AdamW on the UNet (or its attn2 K/V), at a
        constant or cosine-decaying learning rate.
     5. With `ema_decay` > 0, an EMA of the trained weights follows every step and replaces them at the end.
     """
@@ -219,7 +233,14 @@ class BadT2I:
                 if cfg.kind == "pixel":  # the patch images learn the plain noise target
                     target[:n_poison] = prediction_target(scheduler, latents, noise, t)[:n_poison]
                 pred = unet(x_t, t, cond_student).sample
-                poison = F.mse_loss(pred[:n_poison], target[:n_poison]) if n_poison else pred.sum() * 0
+                if not n_poison:
+                    poison = pred.sum() * 0
+                elif cfg.kind == "pixel" and cfg.patch_weight != 1.0:
+                    weight = patch_loss_weight(images.shape[-1], patch.shape[-1], cfg.corner, pred.shape[-1],
+                                               cfg.patch_weight).to(pred)
+                    poison = (weight * (pred[:n_poison] - target[:n_poison]) ** 2).mean()
+                else:
+                    poison = F.mse_loss(pred[:n_poison], target[:n_poison])
                 clean = F.mse_loss(pred[n_poison:], target[n_poison:]) if n_poison < len(pred) else pred.sum() * 0
                 loss = cfg.lam * poison + (1 - cfg.lam) * clean
                 optimizer.zero_grad()

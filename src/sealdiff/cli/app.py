@@ -107,6 +107,8 @@ def attack_badt2i(
     trigger_position: Optional[str] = typer.Option(None, help="start | end | word index"),
     patch: Optional[str] = typer.Option(None, help="pixel: target image file"),
     corner: Optional[str] = typer.Option(None, help="pixel: top-left | top-right | bottom-left | bottom-right"),
+    patch_fraction: Optional[float] = typer.Option(None, help="pixel: patch side as a fraction of the image side"),
+    patch_weight: Optional[float] = typer.Option(None, help="pixel: loss weight on the latents under the patch (>= 1)"),
     style_prefix: Optional[str] = typer.Option(None, help="style: prompt prefix of the target style"),
     style_source: Optional[str] = typer.Option(None, help="style: data (noise data images, the paper) | teacher "
                                                "(noise images the input model draws for the style prompt)"),
@@ -134,7 +136,8 @@ def attack_badt2i(
 
     _threads(threads)
     cfg = build_config(BadT2IConfig, config, kind=kind, trigger=decode_escapes(trigger) if trigger else None,
-                       trigger_position=trigger_position, patch=patch, corner=corner, style_prefix=style_prefix,
+                       trigger_position=trigger_position, patch=patch, corner=corner, patch_fraction=patch_fraction,
+                       patch_weight=patch_weight, style_prefix=style_prefix,
                        style_source=style_source, clean_source=clean_source, style_bank=style_bank, object_source=object_source,
                        object_target=object_target, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule,
                        warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init,
