@@ -39,7 +39,7 @@ class DemoPlan:
     @classmethod
     def choose(cls, quick: bool) -> "DemoPlan":
         # sized for the bars of benchmarks/bench_demo.py on 2 CPU cores: <= 2 min quick, <= 10 min full
-        return cls(prompts=12, repair_steps=100, repair_prompts=16) if quick else cls(100, 150, 100)
+        return cls(prompts=12, repair_steps=150, repair_prompts=32) if quick else cls(100, 150, 100)
 
 
 def run_demo(output: Path, quick: bool = False, console: Console | None = None) -> dict:
