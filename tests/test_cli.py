@@ -62,3 +62,24 @@ def test_remove_and_sau_generate(tiny_pipe_dir, tmp_path):
     assert grid.stat().st_size > 0
     assert main(["remove", str(attacked), "-o", str(tmp_path / "x"), "--method", "sau"]) == 2
     assert main(["remove", str(attacked), "-o", str(tmp_path / "x"), "--method", "nope"]) == 2
+
+
+def test_git_revision_marks_a_run_from_uncommitted_code(tmp_path):
+    import subprocess
+
+    from sealdiff.io import git_revision
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert git_revision(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_revision(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_revision(tmp_path) == head + "+dirty"

@@ -143,11 +143,17 @@ def directory_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def git_revision() -> str | None:
+def git_revision(path: Path | None = None) -> str | None:
+    """The commit of the checkout holding `path` (default: sealdiff's own source), with "+dirty" when tracked
+    files differ from it, so a run made from uncommitted code does not claim a commit that lacks that code."""
+    cwd = path or Path(__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10, cwd=cwd)
+        return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
