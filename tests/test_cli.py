@@ -64,7 +64,7 @@ def test_remove_and_sau_generate(tiny_pipe_dir, tmp_path):
     assert main(["remove", str(attacked), "-o", str(tmp_path / "x"), "--method", "nope"]) == 2
 
 
-def test_git_revision_marks_a_run_from_uncommitted_code(tmp_path):
+def test_git_revision_marks_a_run_from_uncommitted_code(tmp_path, monkeypatch):
     import subprocess
 
     from sealdiff.io import git_revision
@@ -73,7 +73,8 @@ def test_git_revision_marks_a_run_from_uncommitted_code(tmp_path):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
-    assert git_revision(tmp_path) is None  # not a checkout
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # a checkout above tmp_path does not count
+    assert git_revision(tmp_path) is None
     git("init", "-q")
     (tmp_path / "code.py").write_text("x = 1\n")
     git("add", "code.py")
