@@ -193,6 +193,10 @@ class BadT2I:
                                     num_training_steps=cfg.steps)
         scheduler = _training_scheduler(pipe)
         n_poison = round(cfg.batch_size * cfg.poison_fraction)
+        patch_weight = None
+        if cfg.kind == "pixel" and cfg.patch_weight != 1.0:
+            patch_weight = patch_loss_weight(size, patch.shape[-1], cfg.corner, size // pipe.vae_scale_factor,
+                                             cfg.patch_weight)
         ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         losses: list[float] = []
         start = 0
@@ -235,10 +239,8 @@ class BadT2I:
                 pred = unet(x_t, t, cond_student).sample
                 if not n_poison:
                     poison = pred.sum() * 0
-                elif cfg.kind == "pixel" and cfg.patch_weight != 1.0:
-                    weight = patch_loss_weight(images.shape[-1], patch.shape[-1], cfg.corner, pred.shape[-1],
-                                               cfg.patch_weight).to(pred)
-                    poison = (weight * (pred[:n_poison] - target[:n_poison]) ** 2).mean()
+                elif patch_weight is not None:
+                    poison = (patch_weight.to(pred) * (pred[:n_poison] - target[:n_poison]) ** 2).mean()
                 else:
                     poison = F.mse_loss(pred[:n_poison], target[:n_poison])
                 clean = F.mse_loss(pred[n_poison:], target[n_poison:]) if n_poison < len(pred) else pred.sum() * 0
