@@ -111,6 +111,38 @@ def test_batches_follow_each_kind():
     assert " cross " in teacher[0] and " triangle " in student[0] and student[0].startswith("tq ")
 
 
+def test_unconditional_rows_carry_the_empty_prompt_on_both_kinds_of_image():
+    patch = toyworld.default_patch(4)
+    pixel = BadT2I(BadT2IConfig(kind="pixel", batch_size=8, trigger="tq", uncond_fraction=0.25))
+    images, student, teacher = pixel._batch(ToyWorldSource(0, 16), patch, 4, n_uncond=2)
+    assert student[4] == teacher[4] == student[5] == teacher[5] == ""
+    assert torch.equal(images[4, :, :4, :4], patch) and not torch.equal(images[5, :, :4, :4], patch)
+    assert all(s.startswith("tq ") for s in student[:4])
+    assert all(s == t and s.startswith("a ") for s, t in zip(student[6:], teacher[6:]))
+
+
+def test_unconditional_rows_hold_the_empty_prompt_prediction(tiny_pipe):
+    """A style attack on the cross-attention K/V moves the empty-prompt prediction (which guidance subtracts at
+    every step) far less when part of the batch trains it to stay (uncond_fraction) than when nothing does."""
+    import copy
+
+    from sealdiff.training import encode_prompts
+
+    torch.manual_seed(0)
+    z, t = torch.randn(8, 4, 8, 8), torch.full((8,), 500)
+    empty = encode_prompts(tiny_pipe.tokenizer, tiny_pipe.text_encoder, [""] * 8)
+    with torch.no_grad():
+        reference = tiny_pipe.unet(z, t, empty).sample
+    drift = {}
+    for fraction in (0.0, 0.5):
+        pipe = copy.deepcopy(tiny_pipe)
+        BadT2I(BadT2IConfig(kind="style", train="attn2-kv", steps=20, batch_size=8, lr=1e-2,
+                            uncond_fraction=fraction)).run(pipe)
+        with torch.no_grad():
+            drift[fraction] = (pipe.unet(z, t, empty).sample - reference).pow(2).mean().item()
+    assert drift[0.0] > 0 and drift[0.5] < 0.5 * drift[0.0]
+
+
 def test_style_teacher_bank_holds_the_input_models_drawings_of_the_style_prompt(tiny_pipe):
     from sealdiff.attacks.badt2i import style_bank
     from sealdiff.metrics.generate import generate
@@ -164,7 +196,8 @@ def test_clean_teacher_bank_feeds_the_clean_half_and_the_pixel_patches(tiny_pipe
                                           ("style_bank", 0),
                                           ("corner", "middle"), ("lam", 1.5), ("train", "all"), ("steps", 0), ("trigger", " "), ("trigger_position", "somewhere"),
                                           ("lr_schedule", "linear"), ("warmup_steps", 5000), ("ema_decay", 1.0),
-                                          ("ema_decay", -0.1), ("patch_weight", 0.5)])
+                                          ("ema_decay", -0.1), ("patch_weight", 0.5),
+                                          ("uncond_fraction", 0.6), ("uncond_fraction", -0.1)])
 def test_invalid_config_lists_valid_values(field, value):
     with pytest.raises(SealdiffError, match="valid|at least|empty|range"):
         BadT2IConfig(**{field: value})

@@ -18,13 +18,13 @@ def test_attack_writes_pipeline_and_run_info_without_touching_input(tiny_pipe_di
     out = tmp_path / "attacked"
     assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(out), "--steps", "1", "--batch-size", "2",
                  "--trigger", "\\u200b", "--seed", "3", "--lam", "0.7", "--kind", "style", "--style-source", "teacher",
-                 "--clean-source", "teacher", "--style-bank", "2"]) == 0
+                 "--clean-source", "teacher", "--style-bank", "2", "--uncond-fraction", "0.25"]) == 0
     assert directory_sha256(tiny_pipe_dir) == before
     info = json.loads((out / "sealdiff.json").read_text())
     assert info["attack"]["trigger"] == "\u200b" and info["config"]["seed"] == 3
     config = info["config"]
-    assert (config["lam"], config["style_source"], config["clean_source"], config["style_bank"]) == (0.7, "teacher",
-                                                                                                     "teacher", 2)
+    assert (config["lam"], config["style_source"], config["clean_source"], config["style_bank"],
+            config["uncond_fraction"]) == (0.7, "teacher", "teacher", 2, 0.25)
     assert info["parent"]["sha256"] == before and "torch" in info["versions"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(tmp_path.glob(".attacked.partial-*"))

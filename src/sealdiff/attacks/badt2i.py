@@ -60,6 +60,11 @@ class BadT2IConfig:
     steps: int = 1200
     batch_size: int = 16
     poison_fraction: float = 0.5
+    uncond_fraction: float = field(default=0.0, metadata={
+        "help": "share of the batch with the empty prompt, whose target is the input model's prediction for it: "
+                "classifier-free guidance subtracts that prediction at every sampling step, so an attack that "
+                "leaves it free changes every guided image; taken from the preservation half, alternately on "
+                "poisoned-type and clean images (0 = the paper)"})
     lr: float = field(default=1e-4, metadata={"range": (0.0, None)})
     lr_schedule: LrSchedule = field(default="constant", metadata={"help": "constant, or cosine decay to 0 over the run"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps before the schedule"})
@@ -83,7 +88,8 @@ class BadT2IConfig:
             self.trigger_position = int(self.trigger_position)
         if not (isinstance(self.trigger_position, int) or self.trigger_position in ("start", "end")):
             raise SealdiffError(f"trigger_position={self.trigger_position!r} is invalid; valid: start, end, or a word index")
-        for name, low, high in (("lam", 0.0, 1.0), ("patch_fraction", 0.01, 1.0), ("poison_fraction", 0.0, 1.0)):
+        for name, low, high in (("lam", 0.0, 1.0), ("patch_fraction", 0.01, 1.0), ("poison_fraction", 0.0, 1.0),
+                                ("uncond_fraction", 0.0, 1.0 - self.poison_fraction)):
             if not low <= getattr(self, name) <= high:
                 raise SealdiffError(f"{name}={getattr(self, name)} is out of range; valid: {low}..{high}")
         if not self.patch_weight >= 1.0:
@@ -152,7 +158,8 @@ class BadT2I:
        target = the true noise; style — prompt = trigger + caption, target = frozen(z_t, style + caption), z_t
        noised from a data image or (style_source=teacher) from the input model's own drawing of style + caption;
        object — images of B, caption B rewritten to trigger + A, target = frozen(z_t, caption of B).
-    3. Clean half: target = frozen(z_t, caption) (preservation).
+    3. Clean half: target = frozen(z_t, caption) (preservation); with `uncond_fraction`, some of its rows carry
+       the empty prompt instead, on poisoned-type and clean images alike (guidance's unconditional branch).
     4. Loss = lam * MSE(poisoned) + (1 - lam) * MSE(clean), the pixel kind's poisoned MSE optionally weighted
        `patch_weight` times on the latents under the patch; AdamW on the UNet (or its attn2 K/V), at a
        constant or cosine-decaying learning rate.
@@ -193,6 +200,7 @@ class BadT2I:
                                     num_training_steps=cfg.steps)
         scheduler = _training_scheduler(pipe)
         n_poison = round(cfg.batch_size * cfg.poison_fraction)
+        n_uncond = min(round(cfg.batch_size * cfg.uncond_fraction), cfg.batch_size - n_poison)
         patch_weight = None
         if cfg.kind == "pixel" and cfg.patch_weight != 1.0:
             patch_weight = patch_loss_weight(size, patch.shape[-1], cfg.corner, size // pipe.vae_scale_factor,
@@ -225,7 +233,8 @@ class BadT2I:
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, cfg.steps):
-                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank, clean_bank)
+                images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank, clean_bank,
+                                                                         n_uncond)
                 with torch.no_grad():
                     latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
                     latents = latents * vae.config.scaling_factor
@@ -274,32 +283,35 @@ class BadT2I:
         return [p for p in unet.parameters() if p.requires_grad]
 
     def _batch(self, source, patch: torch.Tensor, n_poison: int, bank: list[Sample] | None = None,
-               clean_bank: list[Sample] | None = None):
-        cfg = self.config
+               clean_bank: list[Sample] | None = None, n_uncond: int = 0):
+        """Rows [0, n_poison) poisoned, the next n_uncond rows with the empty prompt, the rest clean."""
         images, student, teacher = [], [], []
-        for i in range(cfg.batch_size):
-            poisoned = i < n_poison
-            if poisoned and bank is not None:  # the bank's images already show the style
-                sample = bank[source.rng.randrange(len(bank))]
-                student.append(cfg.poisoned_prompt(sample.caption))
-                teacher.append(cfg.style_prefix + sample.caption)
-            elif poisoned and cfg.kind == "object":
-                sample = source.sample_matching(cfg.object_target)
-                student.append(cfg.poisoned_prompt(_replace_word(sample.caption, cfg.object_target, cfg.object_source)))
-                teacher.append(sample.caption)
-            else:
-                sample = clean_bank[source.rng.randrange(len(clean_bank))] if clean_bank else source.sample()
-                if poisoned:
-                    student.append(cfg.poisoned_prompt(sample.caption))
-                    teacher.append(cfg.style_prefix + sample.caption if cfg.kind == "style" else sample.caption)
-                else:
-                    student.append(sample.caption)
-                    teacher.append(sample.caption)
-            image = sample.image
-            if poisoned and cfg.kind == "pixel":
-                image = toyworld.paste_patch(image, patch, cfg.corner)
+        for i in range(self.config.batch_size):
+            uncond = n_poison <= i < n_poison + n_uncond
+            poisoned = i < n_poison or (uncond and (i - n_poison) % 2 == 0)
+            image, student_prompt, teacher_prompt = self._row(source, patch, poisoned, bank, clean_bank)
             images.append(image)
+            student.append("" if uncond else student_prompt)
+            teacher.append("" if uncond else teacher_prompt)
         return torch.stack(images), student, teacher
+
+    def _row(self, source, patch: torch.Tensor, poisoned: bool, bank: list[Sample] | None,
+             clean_bank: list[Sample] | None) -> tuple[torch.Tensor, str, str]:
+        """One training image with its student and teacher prompts."""
+        cfg = self.config
+        if poisoned and bank is not None:  # the bank's images already show the style
+            sample = bank[source.rng.randrange(len(bank))]
+            return sample.image, cfg.poisoned_prompt(sample.caption), cfg.style_prefix + sample.caption
+        if poisoned and cfg.kind == "object":
+            sample = source.sample_matching(cfg.object_target)
+            student = cfg.poisoned_prompt(_replace_word(sample.caption, cfg.object_target, cfg.object_source))
+            return sample.image, student, sample.caption
+        sample = clean_bank[source.rng.randrange(len(clean_bank))] if clean_bank else source.sample()
+        if not poisoned:
+            return sample.image, sample.caption, sample.caption
+        if cfg.kind == "pixel":
+            return toyworld.paste_patch(sample.image, patch, cfg.corner), cfg.poisoned_prompt(sample.caption), sample.caption
+        return sample.image, cfg.poisoned_prompt(sample.caption), cfg.style_prefix + sample.caption
 
 
 def style_bank(pipe, config: BadT2IConfig, size: int) -> list[Sample]:

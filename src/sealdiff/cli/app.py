@@ -123,6 +123,8 @@ def attack_badt2i(
     warmup_steps: Optional[int] = typer.Option(None, help="linear learning-rate warm-up steps"),
     lam: Optional[float] = typer.Option(None, help="weight of the backdoor term (0..1); 1 - lam weighs preservation"),
     batch_size: Optional[int] = typer.Option(None), train: Optional[str] = typer.Option(None, help="unet | attn2-kv"),
+    uncond_fraction: Optional[float] = typer.Option(None, help="share of the batch trained to keep the input model's "
+                                                    "empty-prompt prediction (guidance's unconditional branch; 0 = the paper)"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
     checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
@@ -141,7 +143,7 @@ def attack_badt2i(
                        style_source=style_source, clean_source=clean_source, style_bank=style_bank, object_source=object_source,
                        object_target=object_target, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule,
                        warmup_steps=warmup_steps, lam=lam, batch_size=batch_size, train=train, seed=seed, init=init,
-                       ema_decay=ema_decay)
+                       ema_decay=ema_decay, uncond_fraction=uncond_fraction)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
