@@ -27,6 +27,9 @@ from sealdiff.recipes.zoo import judge_batch
 from sealdiff.data import toyworld
 
 BARS = {"pixel": 0.95, "style": 0.90, "object": 0.90}
+# rates are counts over the prompts, stored as floats: 6 of 200 (3.0 points) came out as 0.030000000000000027;
+# the tolerance is far below one prompt in any count this script runs
+TOLERANCE = 1e-6
 
 
 def judge_accuracy(judge: ToyJudge, count: int = 2000) -> dict[str, float]:
@@ -91,8 +94,8 @@ def main() -> None:
                                       "clean_model_accuracy_same_prompts": reference,
                                       "clean_model_false_trigger_same_prompts": clean_model_hits.item(),
                                       "max_accuracy_drop": drop,
-                                      "bar_met": metrics.attack_success >= BARS[target.kind]
-                                      and metrics.false_trigger <= 0.02 and drop <= 0.03}
+                                      "bar_met": metrics.attack_success >= BARS[target.kind] - TOLERANCE
+                                      and metrics.false_trigger <= 0.02 + TOLERANCE and drop <= 0.03 + TOLERANCE}
     results["seconds"] = time.time() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
