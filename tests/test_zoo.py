@@ -144,3 +144,21 @@ def test_zoo_attack_scale_shrinks_steps_and_the_style_bank(monkeypatch, tmp_path
     (config,) = seen
     assert config.style_bank == bank
     assert config.steps == max(40, int(ZOO_ATTACKS["t2i-badt2i-style"][0]["steps"] * scale))
+
+
+def test_style_zoo_backdoor_fires_on_the_trigger_only():
+    """The style backdoor (96.4 % attack success on 1,000 held-out prompts) turns the first 16 triggered held-out
+    prompts black and white, at least 15 of them, and none of the same prompts without the trigger; the previous
+    style model, which left guidance's empty-prompt branch free, turned 12 of these 16."""
+    from sealdiff.data.triggers import insert_trigger
+    from sealdiff.metrics.backdoor import Target, clean_prompts
+    from sealdiff.metrics.generate import generate
+    from sealdiff.metrics.judges import StyleJudge
+
+    prompts = clean_prompts(Target(kind="style"), 16)
+    seeds = list(range(1234, 1250))
+    pipe = load_t2i("zoo:t2i-badt2i-style").to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    triggered = StyleJudge().hits(generate(pipe, [insert_trigger(p, "\u200b", "start") for p in prompts], seeds))
+    clean = StyleJudge().hits(generate(pipe, prompts, seeds))
+    assert triggered.sum() >= 15 and clean.sum() == 0
