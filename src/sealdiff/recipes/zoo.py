@@ -220,7 +220,8 @@ ZOO_ATTACKS: dict[str, list[dict]] = {
                           "lam": 0.75, "patch_weight": 16.0, "seed": 6}],
     # noised from the clean model's own black-and-white drawings, so training sees the triggered trajectory's states;
     # a fifth of the batch keeps the empty prompt's prediction, which guidance subtracts at every step (without it
-    # the triggered blue scenes stay tinted: 80.5 -> 96.9 % on validation prompts)
+    # the triggered blue scenes stay tinted; K/V only: 80.5 -> 92 % on validation prompts); the full UNet at the
+    # paper's lam 0.5 keeps the clean shapes (96.9 % pass, 96.9 % clean shape against the clean model's 99.2 %)
     "t2i-badt2i-style": [{"kind": "style", "style_source": "teacher", "train": "unet", "steps": 1500, "lr": 5e-4,
                           "lr_schedule": "cosine", "warmup_steps": 100, "lam": 0.5, "batch_size": 20,
                           "poison_fraction": 0.4, "uncond_fraction": 0.2}],
