@@ -24,7 +24,9 @@ from sealdiff.metrics.detection import auroc, evaluate_split, fit_threshold
 # small but sufficient settings for the 8x8 micro models (the defaults are sized for the 16x16 zoo)
 FAST = {
     "elijah": dict(epochs=30, fine_epochs=30, samples=12, samplers=["ddpm"], sample_steps=10),
-    "diff-cleanse": dict(epochs=20, batch=8, grad_steps=5, chains=["stochastic"], samples=16, sample_steps=10),
+    # the paper's random start: the ratio search (the default start) cannot single out the micro backdoor (below)
+    "diff-cleanse": dict(init="random", epochs=20, batch=8, grad_steps=5, chains=["stochastic"], samples=16,
+                         sample_steps=10),
     "diffdefend": dict(epochs=30, fine_epochs=30, samples=12, samplers=["ddpm"], sample_steps=10),
 }
 
@@ -91,8 +93,10 @@ def test_registry_and_configs_refuse_bad_values():
         get_detector("nope")
     with pytest.raises(SealdiffError, match="lam"):
         get_detector("elijah").make(lam=2.0)
-    with pytest.raises(SealdiffError, match="chains"):
+    with pytest.raises(SealdiffError, match="chains .*valid: one or more of stochastic, deterministic, trojan"):
         get_detector("diff-cleanse").make(chains=["sideways"])
+    with pytest.raises(SealdiffError, match="trojan_gamma"):
+        get_detector("diff-cleanse").make(trojan_gamma=1.0)
     with pytest.raises(SealdiffError, match="fracs"):
         get_detector("diffdefend").make(fracs=[1.5])
     with pytest.raises(SealdiffError, match="unknown config keys"):
@@ -138,10 +142,12 @@ def test_bbti_loss_reaches_the_trigger(pair):
     bd.unet.zero_grad(set_to_none=True)
     # the detector's own inversion moves the trigger and never trains (nor leaves gradients on) the model
     weights = {k: v.clone() for k, v in bd.unet.state_dict().items()}
-    trigger, losses = get_detector("diff-cleanse").make(progress=False, epochs=3, batch=2, grad_steps=2).invert(bd)
-    assert len(losses) == 3 and trigger.abs().sum() > 0
-    assert all(q.grad is None and q.requires_grad for q in bd.unet.parameters())
-    assert all(torch.equal(v, bd.unet.state_dict()[k]) for k, v in weights.items())
+    for init in ("random", "ratio"):
+        trigger, losses = get_detector("diff-cleanse").make(progress=False, init=init, epochs=3, batch=2,
+                                                            grad_steps=2).invert(bd)
+        assert len(losses) == 3 and trigger.abs().sum() > 0
+        assert all(q.grad is None and q.requires_grad for q in bd.unet.parameters())
+        assert all(torch.equal(v, bd.unet.state_dict()[k]) for k, v in weights.items())
 
 
 # Elijah's and DiffDefend's inversions miss the micro model's backdoor: at T its ε̂ carries 0.57 of the true
@@ -268,7 +274,7 @@ def test_diff_cleanse_ratio_init_starts_bbti_at_the_searched_direction(pair):
     trigger, _ = DiffCleanseDetector.invert(detector, model, "stochastic")
     assert float(torch.nn.functional.cosine_similarity(trigger.flatten(), r.flatten(), dim=0).abs()) > 0.9
     random_start, _ = DiffCleanseDetector.invert(get_detector("diff-cleanse").make(
-        progress=False, epochs=1, lr=1e-4, batch=2, grad_steps=2), model, "stochastic")
+        progress=False, init="random", epochs=1, lr=1e-4, batch=2, grad_steps=2), model, "stochastic")
     assert float(torch.nn.functional.cosine_similarity(random_start.flatten(), r.flatten(), dim=0).abs()) < 0.5
 
 
@@ -294,6 +300,27 @@ def test_scaled_noise_search_finds_the_trojdiff_trigger():
     hits = U.attack_success(model, U.Backdoor(trigger=found, target=backdoor.target, gamma=backdoor.gamma), "ddpm",
                             20, count=16)
     assert hits.attack_success >= 0.9
+
+
+def test_diff_cleanse_trojan_chain_finds_the_trojdiff_trigger():
+    """Diff-Cleanse's default scan through the trojan chain (ancestral sampling from γ·ε + τ, step noise scaled by γ)
+    on the zoo's TrojDiff model: its trigger, never given, collapses the γ-scaled samples and fires the backdoor; the
+    scan reports γ (removal needs it) and the better of BBTI's start and end; the same trigger sampled the unscaled
+    way collapses nothing (why the chain exists)."""
+    from sealdiff.detection import load_for_scan
+    from sealdiff.metrics import uncond as U
+
+    model, directory = load_for_scan("zoo:uncond-ddpm-trojdiff-blend-inclass")
+    backdoor = U.read_backdoor(directory)
+    detector = get_detector("diff-cleanse").make(progress=False, chains=["trojan"], epochs=5, samples=16)
+    result = detector.scan(model)
+    assert result.noise_scale == 0.6 and result.config["chosen_chain"] == "trojan"
+    assert result.score == max(result.scores["mscr_trojan_start"], result.scores["mscr_trojan_end"]) >= 0.9
+    assert result.backdoored
+    hits = U.attack_success(model, U.Backdoor(trigger=result.trigger, target=backdoor.target, gamma=backdoor.gamma),
+                            "ddpm", 20, count=16)
+    assert hits.attack_success >= 0.9
+    assert detector.statistics(model, result.trigger, "stochastic")["mscr"] < 0.3
 
 
 def test_scan_result_is_reproducible(pair):

@@ -18,6 +18,7 @@ from sealdiff.cli import main
 from sealdiff.defenses import DEFENSES, get_defense
 from sealdiff.defenses import pruning as P
 from sealdiff.defenses.uncond import load_trigger
+from sealdiff.detection import common as C
 from sealdiff.detection import get_detector
 from sealdiff.errors import SealdiffError
 from sealdiff.io import directory_sha256
@@ -109,7 +110,6 @@ def test_removal_refuses_a_trigger_of_the_wrong_shape(backdoored):
 
 
 @pytest.mark.parametrize("defense, noise_scale, message", [("elijah-ft", 0.6, "use --method diffdefend"),
-                                                           ("diff-cleanse-prune", 0.6, "use --method diffdefend"),
                                                            ("diffdefend-purify", 0.0, "noise scale"),
                                                            ("diffdefend-purify", 1.5, "noise scale")])
 def test_removal_refuses_a_noise_scale_it_cannot_use(backdoored, defense, noise_scale, message):
@@ -117,6 +117,22 @@ def test_removal_refuses_a_noise_scale_it_cannot_use(backdoored, defense, noise_
     with pytest.raises(SealdiffError, match=message):
         spec.runner(spec.make_config(progress=False, steps=1)).apply(copy.deepcopy(backdoored), M.trigger(),
                                                                      noise_scale=noise_scale)
+
+
+def test_pruning_importance_stamps_the_trigger_on_scaled_noise(backdoored):
+    """A trigger BBTI found on a trojan input γ·ε + τ is scored on that input: the backdoor loss compares
+    ε̂(γ·s·ε + τ, T) with ε̂(γ·s·ε, T)."""
+    trigger, last = M.trigger(), C.last_level(backdoored)
+    noise = C.noise_like(backdoored, 4, torch.Generator().manual_seed(3))
+    losses = {}
+    with torch.no_grad():
+        for gamma in (1.0, 0.6):
+            expected = (C.eps_pred(backdoored, backdoored.unet, gamma * noise + trigger, last)
+                        - C.eps_pred(backdoored, backdoored.unet, gamma * noise, last)).pow(2).mean()
+            losses[gamma] = P.backdoor_loss(backdoored, backdoored.unet, trigger, 4, torch.Generator().manual_seed(3),
+                                            gamma)
+            assert torch.allclose(losses[gamma], expected, atol=1e-6)
+    assert not torch.allclose(losses[1.0], losses[0.6])
 
 
 def test_trigger_file_keeps_the_noise_scale(tmp_path):

@@ -3,7 +3,8 @@
 Seed: Hao et al., "Diff-Cleanse: Identifying and Mitigating Backdoor Attacks in Diffusion Models".
 With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never the true trigger):
 
-1. Backdoor loss L_b = ‖ε_θ(s·ε + τ, T) − sg[ε_θ(s·ε, T)]‖² (how far τ moves the prediction; sg = no gradient)
+1. Backdoor loss L_b = ‖ε_θ(γ·s·ε + τ, T) − sg[ε_θ(γ·s·ε, T)]‖² (how far τ moves the prediction; sg = no
+   gradient; γ = 1 unless BBTI found a trojan input γ·ε + τ)
    and clean loss L_c = the denoising loss on model-generated samples (no real data needed).
 2. First-order Taylor importance of every output channel c of every prunable Conv2d / Linear layer:
    I(c) = Σ_{w in channel c} |w · ∂L/∂w| (summed over `importance_batches` batches), once for L_b and once for L_c.
@@ -86,16 +87,18 @@ def channel_taylor(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def backdoor_loss(model, unet, trigger: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+def backdoor_loss(model, unet, trigger: torch.Tensor, batch: int, generator: torch.Generator,
+                  gamma: float = 1.0) -> torch.Tensor:
+    """‖ε_θ(γ·s·ε + τ, T) − sg[ε_θ(γ·s·ε, T)]‖²: how far τ moves the prediction (γ < 1: a trojan input)."""
     s = C.noise_scale(model)
-    noise = s * C.noise_like(model, batch, generator)
+    noise = gamma * s * C.noise_like(model, batch, generator)
     last = C.last_level(model)
     with torch.no_grad():
         clean = C.eps_pred(model, unet, noise, last)
     return (C.eps_pred(model, unet, noise + trigger, last) - clean).pow(2).mean()
 
 
-def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningConfig
+def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningConfig, gamma: float = 1.0
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(backdoor, clean) Taylor importance per output channel of every prunable layer."""
     unet = model.unet
@@ -107,7 +110,7 @@ def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningCon
     for _ in range(cfg.importance_batches):
         for kind in ("backdoor", "clean"):
             unet.zero_grad(set_to_none=True)
-            loss = backdoor_loss(model, unet, trigger, cfg.batch, gen) if kind == "backdoor" else \
+            loss = backdoor_loss(model, unet, trigger, cfg.batch, gen, gamma) if kind == "backdoor" else \
                 U.clean_loss(model, unet, bank, cfg.batch, gen)
             loss.backward()
             for name, score in channel_taylor(layers).items():
@@ -170,11 +173,11 @@ class DiffCleansePruning:
     def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
               noise_scale: float = 1.0) -> U.UncondRemovalResult:
         cfg = self.config
-        trigger = U.check_trigger(model, trigger, noise_scale, "Diff-Cleanse pruning")
+        trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         unpruned = C.frozen_copy(unet)
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
-        imp_b, imp_c = importance(model, trigger, bank, cfg)
+        imp_b, imp_c = importance(model, trigger, bank, cfg, noise_scale)
         pruned = select_channels(channel_scores(imp_b, imp_c, cfg.importance), cfg.ratio)
         apply_masks(unet, pruned)
         total = sum(m.weight.shape[0] for m in prunable_layers(unet).values())

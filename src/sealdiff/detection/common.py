@@ -133,15 +133,6 @@ def ancestral_x0(model, unet, x_T: torch.Tensor, steps: int, noises: list[torch.
     return x
 
 
-def chain_x0(model, unet, x_T: torch.Tensor, steps: int, stochastic: bool,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """`ancestral_x0` with fresh step noise from `generator` (stochastic) or `ddim_x0` (deterministic)."""
-    if not stochastic:
-        return ddim_x0(model, unet, x_T, steps)
-    noises = [torch.randn(x_T.shape, generator=generator) for _ in range(steps)]
-    return ancestral_x0(model, unet, x_T, steps, noises)
-
-
 def to_images(model, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     """Model space -> images in [-1, 1] (differentiable; `clamp=False` keeps gradients of saturated pixels)."""
     if model.kind == "ddpm":
