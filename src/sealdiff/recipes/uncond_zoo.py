@@ -120,6 +120,8 @@ class ZooEntry:
 
 CLEAN = [
     ZooEntry("uncond-ddpm-clean", "clean DDPM, 16x16 toy world (seed 0)", clean=CleanRecipe("ddpm", seed=0, steps=5000)),
+    ZooEntry("uncond-ddpm-clean-seed1", "clean DDPM, 16x16 toy world (seed 1: another initialisation and data order)",
+             clean=CleanRecipe("ddpm", seed=1, steps=5000)),
     ZooEntry("uncond-ncsn-clean", "clean NCSN / score-SDE (VE), 16x16 toy world", clean=CleanRecipe("ncsn", seed=0, steps=4000)),
     ZooEntry("uncond-ldm-clean", "clean latent DDPM (AutoencoderKL 16x16 <-> 8x8x4)",
              clean=CleanRecipe("ldm", seed=0, steps=1500, vae_steps=600)),
