@@ -20,8 +20,9 @@ the input shift that makes sampling collapse:
 3. MSCR (max similar cluster rate): sample n images from fresh γ·ε + τ with the stock sampler of the chain
    (`stochastic`, `trojan`: ddpm, or the VE predictor; `deterministic`: ddim, or the VE predictor-corrector);
    MSCR is the largest fraction of them within RMS distance δ of one sample. Flat images (spatial pixel std <
-   `flat_std`) are not counted, as the authors skip all-black / all-white samples. With `init='ratio'` the start and the end of BBTI are both measured and the
-   higher MSCR counts (the authors keep the best pattern seen; BBTI's loss can lead away from a firing start).
+   `flat_std`) are not counted, as the authors skip all-black / all-white samples. With `init='ratio'` the start
+   and the end of BBTI are both measured and the higher MSCR counts (the authors keep the best pattern seen;
+   BBTI's loss can lead away from a firing start).
 4. Steps 1-3 run once per chain; the chain with the highest MSCR is reported, with its γ. Backdoored when
    MSCR ≥ `threshold`.
 """
@@ -29,6 +30,7 @@ the input shift that makes sampling collapse:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -138,25 +140,24 @@ class DiffCleanseDetector(Detector):
         """init=random's bounded pattern s·κ·tanh(p)."""
         return C.noise_scale(model) * self.config.bound * torch.tanh(p)
 
-    def candidates(self, model, chain: str = "stochastic") -> tuple[list[torch.Tensor], list[float]]:
-        """BBTI through `chain`: ([start, end] for init=ratio, [end] for random; x_T units) and the losses."""
+    def candidates(self, model, chain: str = "stochastic") -> tuple[dict[str, torch.Tensor], list[float]]:
+        """BBTI through `chain`: its triggers in x_T units ({"start", "end"} for init=ratio, {"end"} for random; a
+        random start is no candidate) and the losses."""
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
         s, shape = C.noise_scale(model), tuple(model.sample_shape)
+        found = {}
         if cfg.init == "ratio":
-            start = self.ratio_trigger(model, chain, gen)
-            norm = float(start.norm()) / s
-            p = (start / s).unsqueeze(0).clone().requires_grad_(True)
+            found["start"] = self.ratio_trigger(model, chain, gen)
+            norm = float(found["start"].norm()) / s
+            p = (found["start"] / s).unsqueeze(0).clone().requires_grad_(True)
 
             def trigger_of(p: torch.Tensor) -> torch.Tensor:
                 return s * C.sphere_triggers(p, shape, norm)
         else:
-            start = None
             p = torch.randn((1, *shape), generator=gen).requires_grad_(True)
-
-            def trigger_of(p: torch.Tensor) -> torch.Tensor:
-                return self.trigger_of(model, p)
+            trigger_of = functools.partial(self.trigger_of, model)
 
         def loss() -> torch.Tensor:
             noise = C.noise_like(model, cfg.batch, gen)
@@ -164,13 +165,13 @@ class DiffCleanseDetector(Detector):
                              self.gamma(chain))
 
         losses = C.optimize_trigger(unet, p, loss, f"Diff-Cleanse BBTI ({chain})", cfg.epochs, cfg.lr, cfg.progress)
-        end = trigger_of(p.detach()).squeeze(0)
-        return ([start] if start is not None else []) + [end], losses
+        found["end"] = trigger_of(p.detach()).squeeze(0)
+        return found, losses
 
     def invert(self, model, chain: str = "stochastic") -> tuple[torch.Tensor, list[float]]:
         """BBTI's end point through `chain`."""
         found, losses = self.candidates(model, chain)
-        return found[-1], losses
+        return found["end"], losses
 
     def ratio_trigger(self, model, chain: str, gen: torch.Generator) -> torch.Tensor:
         """The response-ratio search's trigger (x_T units) that BBTI starts from (`init='ratio'`)."""
@@ -204,7 +205,7 @@ class DiffCleanseDetector(Detector):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 found, losses = self.candidates(model, chain)
-                for stage, trigger in zip(("start", "end")[-len(found):], found):
+                for stage, trigger in found.items():
                     trigger = trigger.detach().to("cpu", torch.float32)
                     scores = self.statistics(model, trigger, chain)
                     per_chain[f"mscr_{chain}_{stage}"] = scores["mscr"]
