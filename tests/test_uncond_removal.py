@@ -249,9 +249,23 @@ def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales,
     assert float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0))) < 1e-10
 
 
+@pytest.mark.parametrize("defense", ["diffdefend-purify", "elijah-ft"])
 @pytest.mark.parametrize("field, value, message", [("removal_target", "pixels", "valid: eps, x0"),
                                                    ("trigger_scale_low", 0.0, "0 < low <= high"),
                                                    ("trigger_scale_high", 0.2, "0 < low <= high")])
-def test_purification_config_rejects_bad_values(field, value, message):
+def test_trajectory_removal_configs_reject_bad_values(defense, field, value, message):
     with pytest.raises(SealdiffError, match=message):
-        get_defense("diffdefend-purify").make_config(**{field: value})
+        get_defense(defense).make_config(**{field: value})
+
+
+@pytest.mark.parametrize("levels", ["trajectory", "last"])
+def test_elijah_removal_stamps_the_trigger_at_the_configured_strengths(backdoored, levels):
+    """With trigger_levels='trajectory' the removal loss stamps k·c_t·τ on x_t with k in trigger_scale_low..high,
+    so the first loss depends on that range; the paper's loss at T alone does not read it."""
+    spec = get_defense("elijah-ft")
+    first = {}
+    for scale in (1.0, 4.0):
+        cfg = spec.make_config(progress=False, steps=1, bank_size=8, bank_steps=2, trigger_levels=levels,
+                               trigger_scale_low=scale, trigger_scale_high=scale)
+        first[scale] = spec.runner(cfg).apply(copy.deepcopy(backdoored), M.trigger()).losses[0]
+    assert (first[1.0] != first[4.0]) == (levels == "trajectory"), first

@@ -4,15 +4,18 @@ Seed: An et al., "Elijah: Eliminating Backdoors Injected in Diffusion Models via
 (AAAI 2024). With the inverted trigger τ (from `sealdiff.detection.elijah`, never the true trigger):
 
 1. Keep a frozen copy of the model as it was (ε_frozen).
-2. Removal loss at the last step T: L_rm = ‖ε_θ(s·ε + τ, T) − ε_frozen(s·ε, T)‖² — noise stamped with τ must be
-   answered as the frozen model answers the same noise without it (the backdoor's distribution shift is undone).
-   `removal_target='x0'` (sealdiff's, not the paper's) adds τ/b_T to the answer, so that the stamped noise implies
-   the frozen model's clean x̂0 (τ is denoised away rather than ignored; see `uncond.distill_loss`).
-   `trigger_levels='trajectory'` also applies it at earlier steps (x_t + c_t·τ against ε_frozen(x_t, t), t drawn
-   from the upper `trajectory_low..1` of the schedule).
+2. Removal loss at the last step T: L_rm = ‖ε_θ(s·ε + τ, T) − y‖², y = ε_frozen(s·ε, T) — noise stamped with τ must
+   be answered as the frozen model answers the same noise without it (the backdoor's distribution shift is undone).
 3. Clean loss: the ordinary denoising loss ‖ε_θ(a·x0 + b·ε, t) − ε‖², on real images when given (`images`),
    otherwise on the frozen model's own samples (the data-free variant).
 4. Minimise L_rm + w_clean·L_clean with AdamW.
+
+The paper's removal is `trigger_levels='last'`, `removal_target='eps'`. sealdiff's default differs in two ways,
+because that loss at T alone leaves the offset in x_t for the lower steps, where the backdoor still fires (README):
+`removal_target='x0'` adds τ/b_T to y, so the stamped noise implies the frozen model's clean x̂0 (τ is denoised
+away rather than ignored; `uncond.distill_loss`), and `trigger_levels='trajectory'` also applies the loss at
+earlier steps, to x_t + k·c_t·τ against the frozen model's answer to x_t (t drawn in the upper `trajectory_low..1`
+of the schedule, k in `trigger_scale_low..high`: an inverted trigger rarely has the true one's strength).
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ class ElijahRemovalConfig:
     lr: float = help_field("AdamW learning rate", default=2e-4)
     clean_weight: float = help_field("w_clean of the clean denoising loss", default=1.0)
     trigger_levels: TriggerLevels = help_field("last: the removal loss at T only (paper); trajectory: also at "
-                                               "earlier steps", default="last")
+                                               "earlier steps, with k·c_t·τ stamped on x_t (sealdiff's)",
+                                               default="trajectory")
     trajectory_low: float = help_field("lowest schedule fraction of trigger_levels=trajectory", default=0.5)
+    trigger_scale_low: float = help_field("trigger_levels=trajectory: lowest strength k of the stamped k·c_t·τ "
+                                          "(drawn uniformly up to trigger_scale_high)", default=0.5)
+    trigger_scale_high: float = help_field("trigger_levels=trajectory: highest strength k of the stamped k·c_t·τ",
+                                           default=6.0)
     removal_target: U.RemovalTarget = help_field("eps: the stamped noise gets the frozen model's ε̂ of the clean noise "
                                                "(paper); x0: it gets the frozen model's x̂0 (the offset is denoised "
-                                               "away)", default="eps")
+                                               "away; sealdiff's)", default="x0")
     bank_size: int = help_field("model-generated images for the data-free clean loss", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -61,6 +69,9 @@ class ElijahRemovalConfig:
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
         if self.clean_weight < 0:
             raise SealdiffError(f"clean_weight {self.clean_weight} is invalid; valid: a number >= 0")
+        if not 0.0 < self.trigger_scale_low <= self.trigger_scale_high:
+            raise SealdiffError(f"trigger_scale_low {self.trigger_scale_low} / trigger_scale_high "
+                                f"{self.trigger_scale_high} are invalid; valid: 0 < low <= high")
         if not 0.0 <= self.trajectory_low < 1.0:
             raise SealdiffError(f"trajectory_low {self.trajectory_low} is invalid; valid: 0 <= value < 1")
 
@@ -93,7 +104,8 @@ class ElijahRemoval:
             removal = (C.eps_pred(model, unet, noise + trigger, last) - target).pow(2).mean()
             if cfg.trigger_levels == "trajectory":
                 removal = removal + U.distill_loss(model, unet, frozen, bank, cfg.batch, gen, trigger=trigger,
-                                                   low=cfg.trajectory_low, target=cfg.removal_target)
+                                                   low=cfg.trajectory_low, target=cfg.removal_target,
+                                                   scales=(cfg.trigger_scale_low, cfg.trigger_scale_high))
             return removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
 
         losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress)
