@@ -69,9 +69,7 @@ class ElijahRemovalConfig:
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
         if self.clean_weight < 0:
             raise SealdiffError(f"clean_weight {self.clean_weight} is invalid; valid: a number >= 0")
-        if not 0.0 < self.trigger_scale_low <= self.trigger_scale_high:
-            raise SealdiffError(f"trigger_scale_low {self.trigger_scale_low} / trigger_scale_high "
-                                f"{self.trigger_scale_high} are invalid; valid: 0 < low <= high")
+        U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
         if not 0.0 <= self.trajectory_low < 1.0:
             raise SealdiffError(f"trajectory_low {self.trajectory_low} is invalid; valid: 0 <= value < 1")
 

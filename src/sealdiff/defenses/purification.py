@@ -61,9 +61,7 @@ class PurificationConfig:
             if getattr(self, name) < 0:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
-        if not 0.0 < self.trigger_scale_low <= self.trigger_scale_high:
-            raise SealdiffError(f"trigger_scale_low {self.trigger_scale_low} / trigger_scale_high "
-                                f"{self.trigger_scale_high} are invalid; valid: 0 < low <= high")
+        U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
         if not 0.0 <= self.removal_low <= 1.0:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
 
