@@ -112,11 +112,11 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
 
 
-
 def check_trigger_scales(low: float, high: float) -> None:
     """The range of stamped trigger strengths k of a trajectory removal (`distill_loss`'s `scales`)."""
     if not 0.0 < low <= high:
         raise SealdiffError(f"trigger_scale_low {low} / trigger_scale_high {high} are invalid; valid: 0 < low <= high")
+
 
 @torch.no_grad()
 def generated_bank(model, count: int, steps: int, seed: int) -> torch.Tensor:
