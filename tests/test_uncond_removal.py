@@ -269,3 +269,19 @@ def test_elijah_removal_stamps_the_trigger_at_the_configured_strengths(backdoore
                                trigger_scale_low=scale, trigger_scale_high=scale)
         first[scale] = spec.runner(cfg).apply(copy.deepcopy(backdoored), M.trigger()).losses[0]
     assert (first[1.0] != first[4.0]) == (levels == "trajectory"), first
+
+
+@pytest.mark.parametrize("defense", ["elijah-ft", "diff-cleanse-prune"])
+def test_real_images_replace_the_generated_bank(backdoored, defense, monkeypatch):
+    """Given real clean images, the clean (and distillation) losses draw from them: no model-generated bank is made."""
+    from sealdiff.defenses import uncond as U
+
+    spec = get_defense(defense)
+    cfg = spec.make_config(progress=False, steps=1, bank_size=8, bank_steps=2)
+    free = spec.runner(cfg).apply(copy.deepcopy(backdoored), M.trigger()).losses[0]
+    monkeypatch.setattr(U, "generated_bank", lambda *a, **k: pytest.fail("generated a bank despite real images"))
+    images = M.clean_batch(8, torch.Generator().manual_seed(5))
+    real = spec.runner(cfg).apply(copy.deepcopy(backdoored), M.trigger(), images=images)
+    assert real.losses[0] != free
+    if defense == "elijah-ft":
+        assert real.extra["data"] == "real images"
