@@ -38,6 +38,19 @@ for det, d in data["detection"].items():
         print(f"| {det} | {name} | {'yes' if models[name]['backdoored'] else 'no'} | {num(row['score'], 3)} | "
               f"{pct(inv['value']) + ' (' + inv['sampler'] + ')' if inv else '–'} |")
 if data.get("removal"):
+    bar = data["config"]["bars"]["asr_after"]
+    print(f"\n| method | backdoors removed (ASR ≤ {pct(bar)} on every sampler) | worst ASR after | SSIM to original |")
+    print("|---|---|---|---|")
+    methods = sorted({m for record in data["removal"].values() for m in record["methods"]})
+    for method in methods:
+        rows = {n: r["methods"][method]["per_sampler"] for n, r in data["removal"].items() if method in r["methods"]}
+        removed = [n for n, per in rows.items() if all(v["asr_after"] <= bar for v in per.values())]
+        worst_name, worst_sampler, worst = max(((n, s, v["asr_after"]) for n, per in rows.items()
+                                                for s, v in per.items()), key=lambda e: e[2])
+        ssim = [v["ssim_to_original"] for per in rows.values() for v in per.values()]
+        where = f" ({worst_name}, {worst_sampler})" if worst > 0 else ""
+        print(f"| {method} | {len(removed)} of {len(rows)} | {pct(worst)}{where} | "
+              f"{num(min(ssim))}–{num(max(ssim))} |")
     print("\n| attack | model type | sampler | method | ASR before | ASR after | toy FID before → after | SSIM to original |")
     print("|---|---|---|---|---|---|---|---|")
     for name, record in data["removal"].items():
