@@ -27,6 +27,7 @@ from sealdiff.data import uncond_toy
 from sealdiff.defenses import get_defense
 from sealdiff.defenses.uncond import UNCOND_METHODS
 from sealdiff.detection import DETECTORS, get_detector, load_for_scan
+from sealdiff.detection import common as C
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 from sealdiff.metrics.detection import auroc, evaluate_split
@@ -93,10 +94,6 @@ halves = {"A": clean_names[0::2] + bd_names[0::2], "B": clean_names[1::2] + bd_n
 log.info("zoo: %d clean %s, %d backdoored %s", len(clean_names), clean_names, len(bd_names), bd_names)
 
 
-def samplers_of(model) -> list[str]:
-    return ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
-
-
 def asr(model, name: str, sampler: str, scan=None) -> float:
     """Attack success of the zoo model's backdoor (or of a scan's inverted trigger and noise scale stamped instead of
     the true ones)."""
@@ -149,7 +146,7 @@ if not args.skip_removal:
         original = models[name]
         record = result["removal"].setdefault(name, {"kind": original.kind, "attack": attacks[name].get("method"),
                                                      "samplers": {}, "methods": {}})
-        samplers = samplers_of(original)
+        samplers = C.detection_samplers(original, None)  # both sampler families of the model type
         base_images = {s: metrics.generate(original, args.count, s, MEASURE_STEPS[s]) for s in samplers}
         before = {s: asr(original, name, s) for s in samplers}
         for method in args.methods:

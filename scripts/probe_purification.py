@@ -17,6 +17,7 @@ import torch
 from sealdiff.cli.remove_uncond import MEASURE_STEPS
 from sealdiff.defenses import get_defense
 from sealdiff.detection import get_detector, load_for_scan
+from sealdiff.detection import common as C
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 
@@ -47,7 +48,7 @@ for name in args.only:
     model, directory = load_for_scan(f"zoo:{name}")
     backdoor = metrics.read_backdoor(directory)
     scan = get_detector("diffdefend").make(progress=False).scan(model)
-    samplers = ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
+    samplers = C.detection_samplers(model, None)  # both sampler families of the model type
     before, original = {}, {}
     for s in samplers:
         before[s], original[s] = measure(model, backdoor, s)

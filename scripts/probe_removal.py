@@ -19,6 +19,7 @@ from sealdiff.cli.remove_uncond import MEASURE_STEPS, attack_sampler
 from sealdiff.defenses import get_defense
 from sealdiff.defenses.uncond import UNCOND_METHODS
 from sealdiff.detection import get_detector, load_for_scan
+from sealdiff.detection import common as C
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 
@@ -35,7 +36,7 @@ model, directory = load_for_scan(f"zoo:{args.model}")
 backdoor = metrics.read_backdoor(directory)
 record = json.loads((directory / "sealdiff.json").read_text())
 sampler = attack_sampler(model.kind, record.get("attack"), record.get("config"))
-samplers = ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
+samplers = C.detection_samplers(model, None)  # both sampler families of the model type
 original = {s: metrics.generate(model, args.count, s, MEASURE_STEPS[s]) for s in samplers}
 true = backdoor.trigger.float()
 true_zero_mean = true - true.mean(dim=(-2, -1), keepdim=True)

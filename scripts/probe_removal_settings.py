@@ -20,6 +20,7 @@ from sealdiff.cli.remove_uncond import MEASURE_STEPS
 from sealdiff.defenses import get_defense
 from sealdiff.defenses.uncond import UNCOND_METHODS
 from sealdiff.detection import get_detector, load_for_scan
+from sealdiff.detection import common as C
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
 
@@ -37,7 +38,7 @@ model, directory = load_for_scan(f"zoo:{args.model}")
 backdoor = metrics.read_backdoor(directory)
 defense, detector = UNCOND_METHODS[args.method]
 scan = get_detector(detector).make(progress=False).scan(model)
-samplers = ["sde-ve", "sde-ve-predictor"] if model.kind == "ncsn" else ["ddpm", "ddim"]
+samplers = C.detection_samplers(model, None)  # both sampler families of the model type
 original = {s: metrics.generate(model, args.count, s, MEASURE_STEPS[s]) for s in samplers}
 result = {"model": args.model, "method": args.method, "count": args.count, "threads": args.threads,
           "versions": versions(), "scan": {"score": scan.score, "noise_scale": scan.noise_scale},
