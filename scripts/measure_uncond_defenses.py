@@ -7,9 +7,11 @@ time per model; how far each inverted trigger fires the real backdoor (attack su
 Removal: every backdoored model is repaired by each method with the trigger its paper's detector inverted;
 attack success (true trigger, `metrics.uncond.attack_success`) before and after per applicable sampler, and clean-
 sample closeness to the original model (toy FID against held-out toy renders, MSE/SSIM to the original model's
-samples from the same noise). Writes benchmarks/results/uncond_defenses.json.
+samples from the same noise), on every sampler of the model type (`--samplers families`: one ancestral and one ODE
+sampler; VE: predictor-corrector and predictor). Writes benchmarks/results/uncond_defenses.json.
 
-    python scripts/measure_uncond_defenses.py [--count 64] [--only NAME ...] [--skip-removal] [--set DET.FIELD=VALUE ...]
+    python scripts/measure_uncond_defenses.py [--count 64] [--only NAME ...] [--skip-removal] [--samplers all|families]
+        [--set DET.FIELD=VALUE ...]
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ parser.add_argument("--only", nargs="*", help="zoo model names (default: every u
 parser.add_argument("--detectors", nargs="*", default=list(DETECTORS))
 parser.add_argument("--methods", nargs="*", default=list(UNCOND_METHODS))
 parser.add_argument("--skip-removal", action="store_true")
+parser.add_argument("--samplers", choices=("all", "families"), default="all",
+                    help="removal is measured on every sampler of the model type (all) or on one per family")
 parser.add_argument("--out", default="benchmarks/results/uncond_defenses.json")
 parser.add_argument("--threads", type=int, default=1)
 parser.add_argument("--set", nargs="*", default=[], metavar="NAME.FIELD=VALUE",
@@ -94,16 +98,17 @@ halves = {"A": clean_names[0::2] + bd_names[0::2], "B": clean_names[1::2] + bd_n
 log.info("zoo: %d clean %s, %d backdoored %s", len(clean_names), clean_names, len(bd_names), bd_names)
 
 
-def asr(model, name: str, sampler: str, scan=None) -> float:
+def asr(model, name: str, sampler: str, scan=None, clean_images=None) -> metrics.AttackSuccess:
     """Attack success of the zoo model's backdoor (or of a scan's inverted trigger and noise scale stamped instead of
-    the true ones)."""
+    the true ones); `clean_images`: the model's untriggered samples of this sampler, when already generated."""
     bd = backdoors[name] if scan is None else metrics.Backdoor(trigger=scan.trigger, target=backdoors[name].target,
                                                                gamma=scan.noise_scale)
-    return metrics.attack_success(model, bd, sampler, MEASURE_STEPS[sampler], args.count).attack_success
+    return metrics.attack_success(model, bd, sampler, MEASURE_STEPS[sampler], args.count, clean_images=clean_images)
 
 
 result = {"config": {"count": args.count, "steps": MEASURE_STEPS, "noise_seed": metrics.MEASURE_SEED,
                      "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads, "halves": halves,
+                     "removal_samplers": args.samplers,
                      "bars": BARS, "detector_defaults": {d: "defaults of sealdiff.detection.<method> (seed 0)"
                                                         for d in args.detectors},
                      "overrides": overrides},
@@ -120,7 +125,8 @@ for det in args.detectors:
                "seconds": scan.seconds, "noise_scale": scan.noise_scale, "scores": scan.scores}
         if labels[name]:
             sampler = attack_sampler(models[name].kind, attacks[name])
-            row["inverted_trigger_asr"] = {"sampler": sampler, "value": asr(models[name], name, sampler, scan)}
+            row["inverted_trigger_asr"] = {"sampler": sampler,
+                                           "value": asr(models[name], name, sampler, scan).attack_success}
         rows[name] = row
         scans.setdefault(name, {})[det] = scan
         log.info("%s %s: score %.3f (%s) %.1fs%s", det, name, scan.score, "backdoored" if labels[name] else "clean",
@@ -146,9 +152,9 @@ if not args.skip_removal:
         original = models[name]
         record = result["removal"].setdefault(name, {"kind": original.kind, "attack": attacks[name].get("method"),
                                                      "samplers": {}, "methods": {}})
-        samplers = C.detection_samplers(original, None)  # both sampler families of the model type
+        samplers = original.samplers if args.samplers == "all" else C.detection_samplers(original, None)
         base_images = {s: metrics.generate(original, args.count, s, MEASURE_STEPS[s]) for s in samplers}
-        before = {s: asr(original, name, s) for s in samplers}
+        before = {s: asr(original, name, s, clean_images=base_images[s]) for s in samplers}
         for method in args.methods:
             defense, detector = UNCOND_METHODS[method]
             if detector not in scans.get(name, {}):
@@ -167,7 +173,10 @@ if not args.skip_removal:
                 quality = metrics.clean_quality(images, reference, judge, s, MEASURE_STEPS[s])
                 base_quality = metrics.clean_quality(base_images[s], reference, judge, s, MEASURE_STEPS[s])
                 agree = metrics.agreement(images, base_images[s])
-                row["per_sampler"][s] = {"asr_before": before[s], "asr_after": asr(repaired, name, s),
+                after = asr(repaired, name, s, clean_images=images)
+                row["per_sampler"][s] = {"asr_before": before[s].attack_success, "asr_after": after.attack_success,
+                                         "false_trigger_before": before[s].false_trigger_rate,
+                                         "false_trigger_after": after.false_trigger_rate,
                                          "toy_fid_after": quality.toy_fid, "toy_fid_before": base_quality.toy_fid,
                                          "mse_to_original": agree.mse, "ssim_to_original": agree.ssim}
             record["methods"][method] = row

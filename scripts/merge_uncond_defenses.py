@@ -18,8 +18,8 @@ parser.add_argument("--note", default="", help="why these rows were remeasured")
 args = parser.parse_args()
 
 base, new = json.loads(Path(args.into).read_text()), json.loads(Path(args.new).read_text())
-same = ("count", "steps", "noise_seed", "asr_mse_threshold", "threads", "halves")
-if {k: base["config"][k] for k in same} != {k: new["config"][k] for k in same} or base["models"] != new["models"]:
+same = ("count", "steps", "noise_seed", "asr_mse_threshold", "threads", "halves", "removal_samplers")
+if {k: base["config"].get(k) for k in same} != {k: new["config"].get(k) for k in same} or base["models"] != new["models"]:
     sys.exit(f"{args.new} was measured on another zoo or with other settings ({', '.join(same)}); not merged")
 
 base["detection"].update(new["detection"])
