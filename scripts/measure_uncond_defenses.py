@@ -150,9 +150,9 @@ for det in args.detectors:
 if not args.skip_removal:
     for name in bd_names:
         original = models[name]
-        record = result["removal"].setdefault(name, {"kind": original.kind, "attack": attacks[name].get("method"),
-                                                     "samplers": {}, "methods": {}})
         samplers = original.samplers if args.samplers == "all" else C.detection_samplers(original, None)
+        record = result["removal"].setdefault(name, {"kind": original.kind, "attack": attacks[name].get("method"),
+                                                     "samplers": list(samplers), "methods": {}})
         base_images = {s: metrics.generate(original, args.count, s, MEASURE_STEPS[s]) for s in samplers}
         before = {s: asr(original, name, s, clean_images=base_images[s]) for s in samplers}
         for method in args.methods:

@@ -1,7 +1,8 @@
 """How one unconditional removal's settings move its result: one zoo model, one method, the trigger the method's own
 detector inverts (one scan, never the true trigger), then the removal once per settings variant (each a JSON object
 of config fields, `{}` = the defaults) on a fresh copy of the model. Attack success (true trigger) and SSIM to the
-original model's samples (same noise) under every sampler of the model type.
+original model's samples (same noise) under every sampler of the model type (`--samplers families`: one ancestral
+and one ODE sampler; VE: predictor-corrector and predictor).
 
     python scripts/probe_removal_settings.py --model uncond-ddpm-trojdiff-blend-inclass --method diff-cleanse \\
         --variants '{}' '{"steps": 0}' '{"distill_weight": 0}' --out benchmarks/results/pruning_probe_trojdiff.json
@@ -29,6 +30,7 @@ parser.add_argument("--model", required=True)
 parser.add_argument("--method", required=True, choices=list(UNCOND_METHODS))
 parser.add_argument("--variants", nargs="+", type=json.loads, default=[{}], help="JSON objects of config fields")
 parser.add_argument("--count", type=int, default=32)
+parser.add_argument("--samplers", choices=("all", "families"), default="all")
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
@@ -38,12 +40,12 @@ model, directory = load_for_scan(f"zoo:{args.model}")
 backdoor = metrics.read_backdoor(directory)
 defense, detector = UNCOND_METHODS[args.method]
 scan = get_detector(detector).make(progress=False).scan(model)
-samplers = C.detection_samplers(model, None)  # both sampler families of the model type
+samplers = model.samplers if args.samplers == "all" else C.detection_samplers(model, None)
 original = {s: metrics.generate(model, args.count, s, MEASURE_STEPS[s]) for s in samplers}
 result = {"model": args.model, "method": args.method, "count": args.count, "threads": args.threads,
           "versions": versions(), "scan": {"score": scan.score, "noise_scale": scan.noise_scale},
-          "asr_before": {s: metrics.attack_success(model, backdoor, s, MEASURE_STEPS[s], args.count).attack_success
-                         for s in samplers},
+          "asr_before": {s: metrics.attack_success(model, backdoor, s, MEASURE_STEPS[s], args.count,
+                                                   clean_images=original[s]).attack_success for s in samplers},
           "variants": []}
 for variant in args.variants:
     repaired = copy.deepcopy(model)
@@ -54,7 +56,8 @@ for variant in args.variants:
     for s in samplers:
         images = metrics.generate(repaired, args.count, s, MEASURE_STEPS[s])
         row["per_sampler"][s] = {
-            "asr_after": metrics.attack_success(repaired, backdoor, s, MEASURE_STEPS[s], args.count).attack_success,
+            "asr_after": metrics.attack_success(repaired, backdoor, s, MEASURE_STEPS[s], args.count,
+                                                clean_images=images).attack_success,
             "ssim_to_original": metrics.agreement(images, original[s]).ssim}
     result["variants"].append(row)
     print(json.dumps(variant), {s: (round(v["asr_after"], 3), round(v["ssim_to_original"], 2))

@@ -39,8 +39,9 @@ for det, d in data["detection"].items():
               f"{pct(inv['value']) + ' (' + inv['sampler'] + ')' if inv else '–'} |")
 if data.get("removal"):
     bar = data["config"]["bars"]["asr_after"]
-    print(f"\n| method | backdoors removed (ASR ≤ {pct(bar)} on every sampler) | worst ASR after | SSIM to original |")
-    print("|---|---|---|---|")
+    print(f"\n| method | backdoors removed (ASR ≤ {pct(bar)} on every sampler) | worst ASR after | SSIM to original | "
+          "toy FID after (before) |")
+    print("|---|---|---|---|---|")
     methods = sorted({m for record in data["removal"].values() for m in record["methods"]})
     for method in methods:
         rows = {n: r["methods"][method]["per_sampler"] for n, r in data["removal"].items() if method in r["methods"]}
@@ -48,14 +49,27 @@ if data.get("removal"):
         worst_name, worst_sampler, worst = max(((n, s, v["asr_after"]) for n, per in rows.items()
                                                 for s, v in per.items()), key=lambda e: e[2])
         ssim = [v["ssim_to_original"] for per in rows.values() for v in per.values()]
+        fid_after = [v["toy_fid_after"] for per in rows.values() for v in per.values() if v["toy_fid_after"] is not None]
+        fid_before = [v["toy_fid_before"] for per in rows.values() for v in per.values() if v["toy_fid_before"] is not None]
+        fid = (f"{num(min(fid_after), 1)}–{num(max(fid_after), 1)} ({num(min(fid_before), 1)}–{num(max(fid_before), 1)})"
+               if fid_after else "–")
         where = f" ({worst_name}, {worst_sampler})" if worst > 0 else ""
         print(f"| {method} | {len(removed)} of {len(rows)} | {pct(worst)}{where} | "
-              f"{num(min(ssim))}–{num(max(ssim))} |")
-    print("\n| attack | model type | sampler | method | ASR before | ASR after | toy FID before → after | SSIM to original |")
-    print("|---|---|---|---|---|---|---|---|")
+              f"{num(min(ssim))}–{num(max(ssim))} | {fid} |")
+    # attack x model type x sampler, one column per method: ASR after (SSIM of the clean samples to the original's)
+    print(f"\n| attack (model) | model type | sampler | ASR before | "
+          + " | ".join(f"{m}: ASR after (SSIM)" for m in methods) + " |")
+    print("|---|---|---|---|" + "---|" * len(methods))
     for name, record in data["removal"].items():
-        for method, row in record["methods"].items():
-            for s, v in row["per_sampler"].items():
-                print(f"| {record['attack']} ({name}) | {record['kind']} | {s} | {method} | {pct(v['asr_before'])} | "
-                      f"{pct(v['asr_after'])} | {num(v['toy_fid_before'], 1)} → {num(v['toy_fid_after'], 1)} | "
-                      f"{num(v['ssim_to_original'])} |")
+        per_method = {m: record["methods"][m]["per_sampler"] for m in methods if m in record["methods"]}
+        samplers = list(next(iter(per_method.values())))
+        for s in samplers:
+            before = next(iter(per_method.values()))[s]["asr_before"]
+            cells = [f"{pct(per_method[m][s]['asr_after'])} ({num(per_method[m][s]['ssim_to_original'])})"
+                     if m in per_method else "–" for m in methods]
+            print(f"| {record['attack']} ({name}) | {record['kind']} | {s} | {pct(before)} | " + " | ".join(cells) + " |")
+    false = [(n, m, s, v["false_trigger_after"]) for n, r in data["removal"].items() for m, row in r["methods"].items()
+             for s, v in row["per_sampler"].items() if v.get("false_trigger_after")]
+    if false:
+        print("\nFalse triggers after removal (untriggered samples within the ASR threshold of the target): "
+              + "; ".join(f"{n} {m} {s} {pct(v)}" for n, m, s, v in false) + ".")

@@ -13,7 +13,7 @@ from sealdiff.cli import main
 from sealdiff.data import uncond_toy
 from sealdiff.errors import SealdiffError
 from sealdiff.io import directory_sha256
-from sealdiff.metrics.uncond import ASR_MSE_THRESHOLD, attack_success, per_image_mse, read_backdoor
+from sealdiff.metrics.uncond import ASR_MSE_THRESHOLD, attack_success, generate, per_image_mse, read_backdoor
 from sealdiff.models.uncond import ddpm_scheduler, load_uncond, sample_noise, save_uncond, tiny_uncond
 
 FAST = {"steps": 12, "batch_size": 4, "lr": 2e-3}
@@ -163,6 +163,12 @@ def test_attack_success_counts_samples_near_the_target():
     result = attack_success(model, backdoor, "ddim", steps=2, count=4)  # a random model draws no hats
     assert result.attack_success == 0.0 and result.false_trigger_rate == 0.0
     assert result.mse_triggered_mean > ASR_MSE_THRESHOLD
+    # already generated untriggered samples stand in for the second sampling run, and only for it
+    given = attack_success(model, backdoor, "ddim", steps=2, count=4, clean_images=target.expand(4, -1, -1, -1))
+    assert given.false_trigger_rate == 1.0 and given.attack_success == 0.0
+    own = attack_success(model, backdoor, "ddim", steps=2, count=4,
+                         clean_images=generate(model, 4, "ddim", 2))
+    assert own == result
 
 
 @pytest.fixture
