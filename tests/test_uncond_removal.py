@@ -249,33 +249,6 @@ def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales,
     assert float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0))) < 1e-10
 
 
-def test_the_ode_share_stamps_the_trigger_as_an_ode_path_keeps_it(backdoored):
-    """`share='sde-ode'` stamps τ at a share between c_t and b_t/b_T: the same at T, several times c_t low in the
-    chain, never below c_t (so on the point-mass denoiser its eps-target loss exceeds the sde share's on the same
-    draws, and the x0 target still reads the offset as noise)."""
-    from sealdiff.defenses.uncond import distill_loss, ode_shares, shifts
-
-    levels = [C.level(backdoored, f) for f in (0.1, 0.5, 1.0)]
-    ode, sde = ode_shares(backdoored, levels).flatten(), shifts(backdoored, levels).flatten()
-    assert ode[0] > 3 * sde[0] and ode[1] > sde[1] and abs(float(ode[2] - sde[2])) < 1e-2, (ode, sde)
-    denoiser = _PointMassDenoiser(backdoored.scheduler)
-    bank = torch.zeros(4, *backdoored.sample_shape)
-
-    def loss(target, share):
-        return float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0),
-                                  trigger=M.trigger(), target=target, scales=(0.5, 6.0), share=share))
-
-    assert loss("eps", "sde-ode") > 1.5 * loss("eps", "sde")
-    assert loss("x0", "sde-ode") < 1e-10
-
-
-@pytest.mark.parametrize("field, value, message", [("trigger_share", "ode", "valid: sde, sde-ode"),
-                                                   ("removal_low", 1.5, "0 <= value <= 1")])
-def test_purification_config_rejects_bad_values(field, value, message):
-    with pytest.raises(SealdiffError, match=message):
-        get_defense("diffdefend-purify").make_config(**{field: value})
-
-
 @pytest.mark.parametrize("defense", ["diffdefend-purify", "elijah-ft"])
 @pytest.mark.parametrize("field, value, message", [("removal_target", "pixels", "valid: eps, x0"),
                                                    ("trigger_scale_low", 0.0, "0 < low <= high"),

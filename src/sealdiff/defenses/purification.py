@@ -8,9 +8,8 @@ trigger τ inverted by `sealdiff.detection.diffdefend` (never the true one):
 2. Data-free inputs: x_t = a_t·x̂0 + b_t·ε with x̂0 sampled by the reference itself.
 3. Removal loss (the distribution shift the backdoor propagates step by step is cancelled at every step where it
    lives): L_rm = ‖ε_θ(x_t + k·c_t·τ, t) − y‖², t drawn from the upper `removal_low..1` of the schedule,
-   c_t = 1 − √ᾱ_t (BadDiffusion's share of the trigger in x_t; b_t/σ_max for VE) or, with
-   `trigger_share='sde-ode'`, a share drawn between c_t and b_t/b_T (what an ODE sampler's path keeps of an x_T
-   offset), k drawn in `trigger_scale_low..high` (an inverted trigger rarely has the true one's strength). With `removal_target='x0'`
+   c_t = 1 − √ᾱ_t (BadDiffusion's share of the trigger in x_t; b_t/σ_max for VE), k drawn in
+   `trigger_scale_low..high` (an inverted trigger rarely has the true one's strength). With `removal_target='x0'`
    y = ε_ref(x_t, t) + k·c_t·τ/b_t: the triggered input must imply the reference's clean x̂0, as a clean model
    denoises an offset it has no use for; `'eps'` y = ε_ref(x_t, t) (the offset is ignored and so kept to x_0).
 4. Retention loss: L_keep = ‖ε_θ(x_t, t) − ε_ref(x_t, t)‖², t over the whole schedule.
@@ -49,9 +48,6 @@ class PurificationConfig:
     trigger_scale_low: float = help_field("lowest strength k of the stamped k·τ (drawn uniformly up to "
                                           "trigger_scale_high)", default=0.5)
     trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=6.0)
-    trigger_share: U.TriggerShare = help_field("sde: τ stamped at the share c_t an ancestral chain carries it with; "
-                                               "sde-ode: at a share drawn between c_t and b_t/b_T, what an ODE "
-                                               "sampler's path keeps of an x_T offset", default="sde")
     bank_size: int = help_field("reference-generated images (no real data)", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -65,7 +61,6 @@ class PurificationConfig:
             if getattr(self, name) < 0:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
-        check_choice("trigger_share", self.trigger_share, U.TriggerShare)
         U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
         if not 0.0 <= self.removal_low <= 1.0:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
@@ -92,7 +87,7 @@ class DiffDefendPurification:
         def loss() -> torch.Tensor:
             removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
                                      target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                     gamma=noise_scale, share=cfg.trigger_share)
+                                     gamma=noise_scale)
             keep = U.distill_loss(model, unet, reference, bank, cfg.batch, gen)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 

@@ -28,7 +28,6 @@ UNCOND_METHODS = {"elijah": ("elijah-ft", "elijah"), "diff-cleanse": ("diff-clea
 TRIGGER_FILE = "trigger.safetensors"
 TRIGGER_KEY = "trigger"
 RemovalTarget = Literal["eps", "x0"]  # what a triggered input must be answered with (see `distill_loss`)
-TriggerShare = Literal["sde", "sde-ode"]  # at which share of x_t the trigger is stamped (see `distill_loss`)
 
 
 @dataclass
@@ -72,13 +71,6 @@ def shifts(model, levels: list) -> torch.Tensor:
     return torch.tensor([C.baddiffusion_shift(model, lv) for lv in levels]).view(-1, 1, 1, 1)
 
 
-def ode_shares(model, levels: list) -> torch.Tensor:
-    """b_t/b_T: the share of x_t an x_T offset keeps along an ODE sampler's path when the model reads it as noise
-    (VP: about √(1−ᾱ_t), well above BadDiffusion's 1−√ᾱ_t low in the chain; VE: σ_t/σ_max, the same as it)."""
-    last = C.last_level(model).b
-    return torch.tensor([lv.b / last for lv in levels]).view(-1, 1, 1, 1)
-
-
 def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
     """The ordinary denoising loss ‖ε̂(a·x0 + b·ε, t) − ε‖² on x0 drawn from `bank` (model samples or data)."""
     idx = torch.randint(0, len(bank), (batch,), generator=generator)
@@ -90,8 +82,7 @@ def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Gen
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
                  trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
-                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0,
-                 share: TriggerShare = "sde") -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0) -> torch.Tensor:
     """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
     answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
     `target='eps'` y = ε̂_teacher(x_t, t) (the offset is ignored); `target='x0'` y = ε̂_teacher(x_t, t) + k·c_t·τ/b_t,
@@ -100,10 +91,7 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     direction at other strengths than the inverted one's. `gamma` < 1 (an inverted trojan input x_T = γ·ε + τ,
     TrojDiff's) also scales the triggered input's noise by g, drawn per sample uniformly in [γ, 1] (a backdoor that
     answers γ·ε + τ may answer ε + τ too): x_t − (1−g)·b_t·ε + k·c_t·τ; its x0 target keeps the teacher's clean x̂0,
-    y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t)). `share='sde'` stamps
-    at c_t, the share an ancestral chain carries the trigger with (BadDiffusion's); `'sde-ode'` at a share drawn per
-    sample between c_t and b_t/b_T, which an ODE sampler's path keeps of an x_T offset (`ode_shares`): lower in the
-    chain that share is several times c_t, a strength the `scales` range alone does not reach."""
+    y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t))."""
     idx = torch.randint(0, len(bank), (batch,), generator=generator)
     x0 = bank[idx]
     noise = torch.randn(x0.shape, generator=generator)
@@ -115,10 +103,7 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
         return (per_sample_eps(model, unet, x_t, levels) - answer).pow(2).mean()
     k = scales[0] + (scales[1] - scales[0]) * torch.rand(batch, 1, 1, 1, generator=generator)
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
-    share_t = shifts(model, levels)
-    if share == "sde-ode":
-        share_t = share_t + (ode_shares(model, levels) - share_t) * torch.rand(batch, 1, 1, 1, generator=generator)
-    offset = k * share_t * trigger
+    offset = k * shifts(model, levels) * trigger
     if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
         g = gamma + (1.0 - gamma) * torch.rand(batch, 1, 1, 1, generator=generator)
         offset = offset - (1.0 - g) * b * noise
