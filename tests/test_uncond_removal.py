@@ -249,6 +249,12 @@ def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales,
     assert float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0))) < 1e-10
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_purification_rejects_a_removal_range_outside_the_schedule(value):
+    with pytest.raises(SealdiffError, match="removal_low .* valid: 0 <= value <= 1"):
+        get_defense("diffdefend-purify").make_config(removal_low=value)
+
+
 @pytest.mark.parametrize("defense", ["diffdefend-purify", "elijah-ft"])
 @pytest.mark.parametrize("field, value, message", [("removal_target", "pixels", "valid: eps, x0"),
                                                    ("trigger_scale_low", 0.0, "0 < low <= high"),

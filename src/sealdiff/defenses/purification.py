@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 class PurificationConfig:
     """Settings of one DiffDefend purification run (recorded in sealdiff.json)."""
 
-    steps: int = help_field("optimizer steps", default=400)
+    steps: int = help_field("optimizer steps", default=800)
     batch: int = help_field("samples per step (each of the two losses)", default=16)
     lr: float = help_field("AdamW learning rate", default=2e-4)
     removal_weight: float = help_field("w_rm of the removal loss", default=1.0)
