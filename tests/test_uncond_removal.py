@@ -180,6 +180,35 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
         str(out / "inverted_trigger.safetensors"))["trigger"])
 
 
+def test_cli_remove_measures_every_sampler_when_asked(tmp_path, capsys):
+    """`--sampler all`: before/after on every sampler of the model type, the attack's own first (and reported as
+    `before`/`after`), with the same numbers as a one-sampler measurement."""
+    from sealdiff.cli.remove_uncond import measure_attack, measured_samplers
+    from sealdiff.models.uncond import SAMPLERS
+
+    from sealdiff.defenses.uncond import save_trigger
+    from sealdiff.detection import TRIGGER_SOURCE
+
+    model = M.ASSETS / "backdoored"
+    scan = tmp_path / "scan"  # a stand-in scan output: this test is about the measurement, not the removal
+    scan.mkdir()
+    save_trigger(0.1 * torch.randn(M.trigger().shape, generator=torch.Generator().manual_seed(0)), scan,
+                 metadata={"source": TRIGGER_SOURCE})
+    out = tmp_path / "repaired"
+    rcfg = tmp_path / "remove.json"
+    rcfg.write_text(json.dumps(REMOVAL["elijah-ft"] | {"steps": 2}))
+    capsys.readouterr()
+    assert main(["remove", str(model), "-o", str(out), "--method", "elijah", "--trigger-file", str(scan),
+                 "--config", str(rcfg), "--measure", "4", "--sampler", "all"]) == 0
+    info = json.loads((out / "sealdiff.json").read_text())["measured"]
+    assert list(info["per_sampler"]) == ["ddpm", *(s for s in SAMPLERS["ddpm"] if s != "ddpm")]
+    assert info["before"] == info["per_sampler"]["ddpm"]["before"] and info["after"] == info["per_sampler"]["ddpm"]["after"]
+    assert capsys.readouterr().out.count("attack success") == len(SAMPLERS["ddpm"])
+    original = load_uncond(model)
+    assert measure_attack(original, model, ("heun",), 4)["heun"] == info["per_sampler"]["heun"]["before"]
+    assert measured_samplers(original, model, "ddim") == ("ddim",) and measured_samplers(original, model, None) == ("ddpm",)
+
+
 @pytest.mark.parametrize("args, message", [
     (lambda t: ["--trigger-file", str(t / "nope")], "does not exist"),
     # the attack's own trigger file holds the TRUE trigger: removal refuses it

@@ -50,7 +50,9 @@ def remove(
     trigger_file: Optional[Path] = typer.Option(None, "--trigger-file",
                                                 help="unconditional: a `sealdiff scan` output folder or its "
                                                      "trigger.safetensors (default: scan first)"),
-    sampler: Optional[str] = typer.Option(None, help="unconditional: sampler of the before/after measurement"),
+    sampler: Optional[str] = typer.Option(None, help="unconditional: sampler of the before/after measurement, or "
+                                                     "'all' (every sampler of the model type; default: the one the "
+                                                     "attack targets)"),
 ) -> None:
     """Remove a backdoor: text-to-image with a known trigger (SKD, SKD-CAG, finetune reversal), or unconditional
     with an inverted trigger (Elijah, Diff-Cleanse pruning, DiffDefend purification)."""

@@ -20,6 +20,9 @@ MEASURE_STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler
                  "sde-ve-predictor": 200}
 
 
+ALL_SAMPLERS = "all"  # `--sampler all`: measure on every sampler of the model type
+
+
 def attack_sampler(kind: str, attack: dict | None, config: dict | None = None) -> str:
     """The sampler a recorded attack targets: the reverse SDE (sde-ve-predictor) for ncsn -- VillanDiffusion's VE
     target is derived for it, and a Langevin corrector undoes it (README) --, ddim for VillanDiffusion's ODE
@@ -32,20 +35,28 @@ def attack_sampler(kind: str, attack: dict | None, config: dict | None = None) -
     return "ddpm"
 
 
-def measure_attack(model, directory: Path, sampler: str | None, count: int) -> dict | None:
-    """Attack success of the backdoor the model directory records (its attack's trigger.safetensors) — the true
-    trigger is used here only to *measure*; None when the model records no attack or `count` is 0."""
+def measured_samplers(model, directory: Path, sampler: str | None) -> tuple[str, ...]:
+    """The samplers of the before/after measurement, the first one reported as `before`/`after`: the given one, the
+    one the recorded attack targets (None given), or that one followed by every other sampler of the model type
+    ('all': a removal can leave a path open that the attack did not target)."""
+    if sampler not in (None, ALL_SAMPLERS):
+        return (sampler,)
+    info = json.loads((directory / "sealdiff.json").read_text()) if (directory / "sealdiff.json").is_file() else {}
+    target = attack_sampler(model.kind, info.get("attack"), info.get("config"))
+    return (target,) if sampler is None else (target, *(s for s in model.samplers if s != target))
+
+
+def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int) -> dict | None:
+    """Attack success per sampler of the backdoor the model directory records (its attack's trigger.safetensors) —
+    the true trigger is used here only to *measure*; None when the model records no attack or `count` is 0."""
+    from sealdiff.io import to_jsonable
     from sealdiff.metrics import uncond as metrics
 
     if not count or not (directory / metrics.TRIGGER_FILE).is_file():
         return None
-    info = json.loads((directory / "sealdiff.json").read_text()) if (directory / "sealdiff.json").is_file() else {}
-    sampler = sampler or attack_sampler(model.kind, info.get("attack"), info.get("config"))
-    from sealdiff.io import to_jsonable
-
-    result = metrics.attack_success(model, metrics.read_backdoor(directory), sampler, MEASURE_STEPS.get(sampler, 20),
-                                    count)
-    return to_jsonable(result)
+    backdoor = metrics.read_backdoor(directory)
+    return {s: to_jsonable(metrics.attack_success(model, backdoor, s, MEASURE_STEPS.get(s, 20), count))
+            for s in samplers}
 
 
 def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | None = None,
@@ -66,8 +77,9 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
-    if sampler is not None:
+    if sampler not in (None, ALL_SAMPLERS):
         check_sampler(uncond.kind, sampler)
+    samplers = measured_samplers(uncond, directory, sampler)
     trigger_info: dict[str, Any]
     if trigger_file is not None:
         trigger, noise_scale = U.load_trigger(trigger_file)
@@ -81,9 +93,14 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
                            detector_name, scan.score, scan.threshold)
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
-    before = measure_attack(uncond, directory, sampler, measure)
+    before = measure_attack(uncond, directory, samplers, measure)
     result = spec.runner(cfg).apply(uncond, trigger, noise_scale=noise_scale)
-    after = measure_attack(uncond, directory, sampler, measure)
+    after = measure_attack(uncond, directory, samplers, measure)
+    measured: dict[str, Any] = {"before": None, "after": None, "count": measure}
+    if before and after:
+        measured |= {"before": before[samplers[0]], "after": after[samplers[0]]}
+        if len(samplers) > 1:
+            measured["per_sampler"] = {s: {"before": before[s], "after": after[s]} for s in samplers}
     with atomic_output_dir(output, overwrite, inputs=[directory]) as staging:
         save_uncond(uncond, staging)
         # the inverted trigger the removal used (trigger.png too)
@@ -98,12 +115,13 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         info = write_run_info(staging, command="remove", defense=defense_name, method=method, config=cfg,
                               seed=getattr(cfg, "seed", None), model_kind=uncond.kind,
                               parent={"path": str(model), "sha256": parent_sha256}, attack=parent_info.get("attack"),
-                              trigger=trigger_info, measured={"before": before, "after": after, "count": measure},
+                              trigger=trigger_info, measured=measured,
                               losses=result.losses, result={k: v for k, v in result.to_dict().items()
                                                             if k not in ("config", "losses")})
     if console is not None:
         if before and after:
-            console.print(f"attack success {before['attack_success']:.1%} -> {after['attack_success']:.1%} "
-                          f"({measure} triggered samples, {before['sampler']})")
+            for s in samplers:
+                console.print(f"attack success {before[s]['attack_success']:.1%} -> {after[s]['attack_success']:.1%} "
+                              f"({measure} triggered samples, {s})")
         console.print(f"repaired model written to [bold]{output}[/bold]")
     return info
