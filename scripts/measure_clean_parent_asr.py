@@ -32,13 +32,16 @@ manifest = zoo.load_manifest()["models"]
 result = {"config": {"count": args.count, "steps": MEASURE_STEPS, "noise_seed": metrics.MEASURE_SEED,
                      "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads},
           "versions": versions(), "models": {}}
+parents = {}
 for name in zoo.models_of_kind("uncond-"):
     directory = load_for_scan(f"zoo:{name}")[1]
     if not (directory / metrics.TRIGGER_FILE).is_file():
         continue
     backdoor = metrics.read_backdoor(directory)
     parent_name = manifest[name]["base"]
-    parent = load_for_scan(f"zoo:{parent_name}")[0]
+    if parent_name not in parents:  # several backdoors share a clean parent
+        parents[parent_name] = load_for_scan(f"zoo:{parent_name}")[0]
+    parent = parents[parent_name]
     rows = {s: metrics.attack_success(parent, backdoor, s, MEASURE_STEPS[s], args.count) for s in parent.samplers}
     result["models"][name] = {"clean_parent": parent_name, "per_sampler": rows}
     log.info("%s on %s: %s", name, parent_name, {s: round(r.attack_success, 3) for s, r in rows.items()})

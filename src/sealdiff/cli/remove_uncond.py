@@ -39,7 +39,10 @@ def measured_samplers(model, directory: Path, sampler: str | None) -> tuple[str,
     """The samplers of the before/after measurement, the first one reported as `before`/`after`: the given one, the
     one the recorded attack targets (None given), or that one followed by every other sampler of the model type
     ('all': a removal can leave a path open that the attack did not target)."""
+    from sealdiff.models.uncond import check_sampler
+
     if sampler not in (None, ALL_SAMPLERS):
+        check_sampler(model.kind, sampler)
         return (sampler,)
     info = json.loads((directory / "sealdiff.json").read_text()) if (directory / "sealdiff.json").is_file() else {}
     target = attack_sampler(model.kind, info.get("attack"), info.get("config"))
@@ -69,7 +72,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.defenses import uncond as U
     from sealdiff.detection import get_detector, load_for_scan
     from sealdiff.io import atomic_output_dir, directory_sha256, write_run_info
-    from sealdiff.models.uncond import check_sampler, save_uncond
+    from sealdiff.models.uncond import save_uncond
 
     defense_name, detector_name = U.UNCOND_METHODS[method]
     spec = get_defense(defense_name)
@@ -77,8 +80,6 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
-    if sampler not in (None, ALL_SAMPLERS):
-        check_sampler(uncond.kind, sampler)
     samplers = measured_samplers(uncond, directory, sampler)
     trigger_info: dict[str, Any]
     if trigger_file is not None:
