@@ -1,5 +1,6 @@
-"""Replace the rows of some detectors / removal methods in benchmarks/results/uncond_defenses.json by those of a
-newer `measure_uncond_defenses.py` run over the same zoo and settings (e.g. after a change to one method only);
+"""Replace the rows of some detectors / removal methods in benchmarks/results/uncond_defenses.json (or, with --into,
+uncond_detection.json) by those of a newer `measure_uncond_defenses.py` run over the same zoo and settings (e.g.
+after a change to one method only);
 every other row is kept as measured, and the merged file records which run each row comes from.
 
     python scripts/merge_uncond_defenses.py NEW.json [--into benchmarks/results/uncond_defenses.json] [--note TEXT]
@@ -19,6 +20,8 @@ args = parser.parse_args()
 
 base, new = json.loads(Path(args.into).read_text()), json.loads(Path(args.new).read_text())
 same = ("count", "steps", "noise_seed", "asr_mse_threshold", "threads", "halves", "removal_samplers")
+if not (base["removal"] and new["removal"]):  # a detection-only file: the removal samplers were never used
+    same = same[:-1]
 if {k: base["config"].get(k) for k in same} != {k: new["config"].get(k) for k in same} or base["models"] != new["models"]:
     sys.exit(f"{args.new} was measured on another zoo or with other settings ({', '.join(same)}); not merged")
 

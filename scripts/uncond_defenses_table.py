@@ -70,6 +70,6 @@ if data.get("removal"):
             print(f"| {record['attack']} ({name}) | {record['kind']} | {s} | {pct(before)} | " + " | ".join(cells) + " |")
     false = [(n, m, s, v["false_trigger_after"]) for n, r in data["removal"].items() for m, row in r["methods"].items()
              for s, v in row["per_sampler"].items() if v.get("false_trigger_after")]
-    if false:
-        print("\nFalse triggers after removal (untriggered samples within the ASR threshold of the target): "
-              + "; ".join(f"{n} {m} {s} {pct(v)}" for n, m, s, v in false) + ".")
+    print("\nFalse triggers after removal (untriggered samples within the ASR threshold of the target): "
+          + ("; ".join(f"{n} {m} {s} {pct(v)}" for n, m, s, v in false) if false else
+             "none, on every model, method and sampler") + ".")

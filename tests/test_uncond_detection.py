@@ -110,6 +110,13 @@ def test_registry_and_configs_refuse_bad_values():
         get_detector("diff-cleanse").make(init="zeros")
     with pytest.raises(SealdiffError, match="valid: rotated, clean"):
         get_detector("diffdefend").make(tv_baseline="flipped")
+    for bad in ([], [0.0], [1.5]):
+        with pytest.raises(SealdiffError, match=r"noise_scales .* valid: one or more numbers in \(0, 1\]"):
+            get_detector("elijah").make(noise_scales=bad)
+    for bad in (["x"], [True]):
+        with pytest.raises(SealdiffError, match=r"noise_scales\[0\]=.* must be a number"):
+            get_detector("elijah").make(noise_scales=bad)
+    assert get_detector("elijah").make(noise_scales=[0.6, 1]).config.noise_scales == (0.6, 1.0)
     for bad in (["1.0:up"], ["2:min"], ["x:max"], [], ["1.0:min:0"], ["1.0:min:1.5"], ["1.0:min:x"], ["1.0:min:0.5:2"]):
         with pytest.raises(SealdiffError, match="valid: .*FRAC:min"):
             get_detector("diffdefend").make(searches=bad)
@@ -300,6 +307,31 @@ def test_scaled_noise_search_finds_the_trojdiff_trigger():
     hits = U.attack_success(model, U.Backdoor(trigger=found, target=backdoor.target, gamma=backdoor.gamma), "ddpm",
                             20, count=16)
     assert hits.attack_success >= 0.9
+
+
+def test_elijah_scan_finds_the_trojdiff_trigger_on_scaled_noise():
+    """Elijah's default scan searches at T on ε + τ and on γ·ε + τ (γ = 0.6): on the zoo's TrojDiff model the scaled
+    search's candidate (never given the true τ) is the one whose samples collapse, so the scan reports it with its
+    γ, calls the model backdoored, and the trigger fires the backdoor the trojan way."""
+    from sealdiff.detection import load_for_scan
+    from sealdiff.metrics import uncond as U
+
+    model, directory = load_for_scan("zoo:uncond-ddpm-trojdiff-blend-inclass")
+    backdoor = U.read_backdoor(directory)
+    result = get_detector("elijah").make(progress=False, epochs=50, fine_epochs=50, samples=12).scan(model)
+    assert result.noise_scale == 0.6 and result.backdoored, (result.noise_scale, result.score)
+    hits = U.attack_success(model, U.Backdoor(trigger=result.trigger, target=backdoor.target, gamma=0.6), "ddpm", 20,
+                            count=16)
+    assert hits.attack_success >= 0.9
+
+
+@pytest.mark.parametrize("name, fields", [("elijah", {"noise_scales": [0.6]}), ("diffdefend", {"searches": ["1.0:min:0.6"]})])
+def test_scaled_noise_searches_alone_refuse_a_ve_model(name, fields):
+    from sealdiff.detection import load_for_scan
+
+    model, _ = load_for_scan("zoo:uncond-ncsn-clean")
+    with pytest.raises(SealdiffError, match="add one with γ = 1"):
+        get_detector(name).make(progress=False, **fields).scan(model)
 
 
 def test_diff_cleanse_trojan_chain_finds_the_trojdiff_trigger():

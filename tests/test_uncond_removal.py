@@ -109,7 +109,7 @@ def test_removal_refuses_a_trigger_of_the_wrong_shape(backdoored):
         spec.runner(spec.make_config(progress=False, steps=1)).apply(copy.deepcopy(backdoored), torch.zeros(3, 4, 4))
 
 
-@pytest.mark.parametrize("defense, noise_scale, message", [("elijah-ft", 0.6, "use --method diffdefend"),
+@pytest.mark.parametrize("defense, noise_scale, message", [("elijah-ft", 1.5, "noise scale"),
                                                            ("diffdefend-purify", 0.0, "noise scale"),
                                                            ("diffdefend-purify", 1.5, "noise scale")])
 def test_removal_refuses_a_noise_scale_it_cannot_use(backdoored, defense, noise_scale, message):
@@ -276,6 +276,24 @@ def test_removal_targets_on_a_denoiser_that_ignores_triggers(backdoored, scales,
     assert loss("x0") < 1e-10
     assert loss("eps") > 1e-3
     assert float(distill_loss(backdoored, denoiser, denoiser, bank, 8, torch.Generator().manual_seed(0))) < 1e-10
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.6])
+def test_elijah_last_step_targets_on_a_denoiser_that_ignores_triggers(backdoored, gamma):
+    """At T too: a denoiser that reads any offset (and a γ-scaled trojan input) as noise already answers the x0
+    target, not the eps target; with γ < 1 the loss reads the scaled noise."""
+    from sealdiff.defenses.elijah import last_step_removal_loss
+
+    denoiser = _PointMassDenoiser(backdoored.scheduler)
+
+    def loss(target, value=gamma):
+        return float(last_step_removal_loss(backdoored, denoiser, denoiser, M.trigger(), 8,
+                                            torch.Generator().manual_seed(0), target, value))
+
+    assert loss("x0") < 1e-10
+    assert loss("eps") > 1e-3
+    if gamma != 1.0:  # the eps loss is ‖offset/b_T‖²: the scaled noise is part of the offset
+        assert abs(loss("eps") - loss("eps", 1.0)) > 1e-3
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])

@@ -16,6 +16,9 @@ because that loss at T alone leaves the offset in x_t for the lower steps, where
 away rather than ignored; `uncond.distill_loss`), and `trigger_levels='trajectory'` also applies the loss at
 earlier steps, to x_t + k·c_t·τ against the frozen model's answer to x_t (t drawn in the upper `trajectory_low..1`
 of the schedule, k in `trigger_scale_low..high`: an inverted trigger rarely has the true one's strength).
+A trigger inverted on scaled noise (x_T = γ·ε + τ, TrojDiff's trojan input; `ElijahConfig.noise_scales`) is stamped
+on noise scaled by g, drawn per sample in [γ, 1], and its x0 target takes the noise removed with the scaling too
+(`uncond.distill_loss`'s `gamma`).
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ TriggerLevels = Literal["last", "trajectory"]
 class ElijahRemovalConfig:
     """Settings of one Elijah removal run (recorded in sealdiff.json)."""
 
-    steps: int = help_field("optimizer steps", default=200)
+    steps: int = help_field("optimizer steps (200 until 2026-12-05: too few for a trojan-input trigger, README)",
+                            default=800)
     batch: int = help_field("samples per step (each of the removal and the clean loss)", default=16)
     lr: float = help_field("AdamW learning rate", default=2e-4)
     clean_weight: float = help_field("w_clean of the clean denoising loss", default=1.0)
     trigger_levels: TriggerLevels = help_field("last: the removal loss at T only (paper); trajectory: also at "
                                                "earlier steps, with k·c_t·τ stamped on x_t (sealdiff's)",
                                                default="trajectory")
-    trajectory_low: float = help_field("lowest schedule fraction of trigger_levels=trajectory", default=0.5)
+    trajectory_low: float = help_field("lowest schedule fraction of trigger_levels=trajectory (0.5 until 2026-12-05)",
+                                       default=0.3)
     trigger_scale_low: float = help_field("trigger_levels=trajectory: lowest strength k of the stamped k·c_t·τ "
                                           "(drawn uniformly up to trigger_scale_high)", default=0.5)
     trigger_scale_high: float = help_field("trigger_levels=trajectory: highest strength k of the stamped k·c_t·τ",
@@ -74,6 +79,24 @@ class ElijahRemovalConfig:
             raise SealdiffError(f"trajectory_low {self.trajectory_low} is invalid; valid: 0 <= value < 1")
 
 
+def last_step_removal_loss(model, unet, frozen, trigger: torch.Tensor, batch: int, generator: torch.Generator,
+                           target: U.RemovalTarget = "eps", gamma: float = 1.0) -> torch.Tensor:
+    """‖ε_θ(s·ε + τ, T) − y‖², y = ε_frozen(s·ε, T) (`target='eps'`, the paper's) or y = ε_frozen(s·ε, T) + τ/b_T
+    ('x0': the stamped noise implies the frozen model's clean x̂0). γ < 1: the offset also scales the noise by g,
+    drawn per sample in [γ, 1] (s·ε + τ − (1−g)·s·ε), and the x0 target takes that offset too."""
+    last = C.last_level(model)
+    noise = C.noise_scale(model) * C.noise_like(model, batch, generator)
+    offset = trigger
+    if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
+        g = gamma + (1.0 - gamma) * torch.rand(batch, 1, 1, 1, generator=generator)
+        offset = trigger - (1.0 - g) * noise
+    with torch.no_grad():
+        answer = C.eps_pred(model, frozen, noise, last)
+        if target == "x0":
+            answer = answer + offset / last.b
+    return (C.eps_pred(model, unet, noise + offset, last) - answer).pow(2).mean()
+
+
 class ElijahRemoval:
     __doc__ = __doc__
     name = "elijah-ft"
@@ -85,25 +108,20 @@ class ElijahRemoval:
               noise_scale: float = 1.0) -> U.UncondRemovalResult:
         """Fine-tune `model.unet` in place. `images`: real clean x0 in the model's space (None = data-free)."""
         cfg = self.config
-        trigger = U.check_trigger(model, trigger, noise_scale, "Elijah fine-tuning")
+        trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         frozen = C.frozen_copy(unet)
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        s = C.noise_scale(model)
-        last = C.last_level(model)
 
         def loss() -> torch.Tensor:
-            noise = s * C.noise_like(model, cfg.batch, gen)
-            with torch.no_grad():
-                target = C.eps_pred(model, frozen, noise, last)
-                if cfg.removal_target == "x0":
-                    target = target + trigger / last.b
-            removal = (C.eps_pred(model, unet, noise + trigger, last) - target).pow(2).mean()
+            removal = last_step_removal_loss(model, unet, frozen, trigger, cfg.batch, gen, cfg.removal_target,
+                                             noise_scale)
             if cfg.trigger_levels == "trajectory":
                 removal = removal + U.distill_loss(model, unet, frozen, bank, cfg.batch, gen, trigger=trigger,
                                                    low=cfg.trajectory_low, target=cfg.removal_target,
-                                                   scales=(cfg.trigger_scale_low, cfg.trigger_scale_high))
+                                                   scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
+                                                   gamma=noise_scale)
             return removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
 
         losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress)

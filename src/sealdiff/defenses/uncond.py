@@ -126,10 +126,9 @@ def generated_bank(model, count: int, steps: int, seed: int) -> torch.Tensor:
     return model_bank(model, count, steps, torch.Generator().manual_seed(seed))
 
 
-def check_trigger(model, trigger: torch.Tensor, noise_scale: float = 1.0,
-                  unscaled_only: str | None = None) -> torch.Tensor:
+def check_trigger(model, trigger: torch.Tensor, noise_scale: float = 1.0) -> torch.Tensor:
     """The trigger as a float CPU tensor after checking its shape, values and noise scale γ (0 < γ <= 1, VP models
-    only; `unscaled_only` names a removal that handles only γ = 1)."""
+    only)."""
     if not isinstance(trigger, torch.Tensor) or tuple(trigger.shape) != tuple(model.sample_shape):
         shape = tuple(trigger.shape) if isinstance(trigger, torch.Tensor) else type(trigger).__name__
         raise SealdiffError(f"the trigger has shape {shape}; this model's x_T is {tuple(model.sample_shape)}")
@@ -137,9 +136,6 @@ def check_trigger(model, trigger: torch.Tensor, noise_scale: float = 1.0,
         raise SealdiffError("the trigger contains NaN or inf")
     if not 0.0 < noise_scale <= 1.0 or (noise_scale != 1.0 and model.kind == "ncsn"):
         raise SealdiffError(f"noise scale {noise_scale} is invalid; valid: 0 < value <= 1 (only 1 for ncsn)")
-    if noise_scale != 1.0 and unscaled_only:
-        raise SealdiffError(f"{unscaled_only} removes triggers on unscaled noise (x_T = ε + τ); this trigger's input is "
-                            f"{noise_scale}·ε + τ: use --method diffdefend")
     return trigger.detach().float().cpu()
 
 

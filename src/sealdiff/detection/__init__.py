@@ -9,12 +9,14 @@ The contract every detector keeps (one file per paper: `elijah.py`, `diffcleanse
 - `DETECTORS` maps a method name to its spec; `get_detector(name)` refuses unknown names listing the valid ones.
 
 Triggers are tensors of the model's x_T shape (C, H, W), in x_T units: `x_T = noise_scale·sample_noise(...) + trigger`
-(the noise scale γ is 1 except for a TrojDiff-style trojan input, which DiffDefend's searches can also find).
+(the noise scale γ is 1 except for a TrojDiff-style trojan input, which Elijah's and DiffDefend's searches and
+Diff-Cleanse's trojan chain also find).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,11 @@ from typing import Any
 import torch
 
 from sealdiff.config import help_field
+from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
 from sealdiff.registry import MethodSpec, lookup
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +94,32 @@ class Detector:
     def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0
                    ) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def ratio_searches(self, model, searches: list[tuple[float, str, float]], description: str) -> Inversion:
+        """Runs each response-ratio search (frac of T, 'min' | 'max', noise scale γ) with the config's search fields
+        (`common.best_ratio_trigger`), samples each winner and keeps the one whose samples collapse most. Collapse, not
+        a combined score, picks: the TV term of a harmless candidate is noisy (clean DDPM: |log| ~0.6). Searches with
+        γ ≠ 1 are skipped for ncsn: a VE model has no scaled-noise (trojan) process."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        best, losses = None, []
+        for frac, direction, gamma in searches:
+            if gamma != 1.0 and model.kind == "ncsn":
+                continue
+            name = f"{frac}:{direction}" + (f":{gamma}" if gamma != 1.0 else "")
+            trigger, ratio, run = C.best_ratio_trigger(model, cfg, frac, direction, generator,
+                                                       f"{description} {name}", cfg.progress, gamma)
+            losses += run
+            stats = self.statistics(model, trigger, gamma)
+            logger.info("%s search %s: ratio %.3f, collapse %.3f %s", description, name, ratio, stats["collapse"],
+                        {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
+            if best is None or stats["collapse"] > best.scores["collapse"]:
+                best = Inversion(trigger, gamma, scores=stats)
+        if best is None:
+            raise SealdiffError(f"every search of {description} scales the noise (γ ≠ 1), which a {model.kind} model "
+                                "never does; add one with γ = 1")
+        best.losses = losses
+        return best
 
     def scan(self, model) -> ScanResult:
         start = time.perf_counter()

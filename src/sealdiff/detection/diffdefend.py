@@ -30,7 +30,6 @@ the generated images with their total-variation loss under a fitted threshold. N
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -43,8 +42,6 @@ from sealdiff.detection import Detector, Inversion, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.detection.elijah import detection_statistics, offset_samples, trojan_samplers
 from sealdiff.errors import SealdiffError
-
-logger = logging.getLogger(__name__)
 
 LamMode = Literal["schedule", "constant"]
 Objective = Literal["ratio", "paper"]
@@ -180,7 +177,7 @@ class DiffDefendDetector(Detector):
 
     def inversion(self, model) -> Inversion:
         if self.config.objective == "ratio":
-            return self.invert_by_ratio(model, torch.Generator().manual_seed(self.config.seed))
+            return self.ratio_searches(model, parse_searches(self.config.searches), "DiffDefend inversion")
         return super().inversion(model)
 
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
@@ -198,29 +195,6 @@ class DiffDefendDetector(Detector):
 
         losses = C.optimize_trigger(unet, u, loss, "DiffDefend inversion", cfg.epochs, cfg.lr, cfg.progress)
         return (u.detach() * C.noise_scale(model)).squeeze(0), losses
-
-    def invert_by_ratio(self, model, gen: torch.Generator) -> Inversion:
-        cfg = self.config
-        best, losses = None, []
-        for frac, direction, gamma in parse_searches(cfg.searches):
-            if gamma != 1.0 and model.kind == "ncsn":
-                continue  # a VE model has no scaled-noise (trojan) process
-            name = f"{frac}:{direction}" + (f":{gamma}" if gamma != 1.0 else "")
-            trigger, ratio, run = C.best_ratio_trigger(model, cfg, frac, direction, gen,
-                                                       f"DiffDefend inversion {name}", cfg.progress, gamma)
-            losses += run
-            stats = self.statistics(model, trigger, gamma)
-            # collapse, not the dual score, picks: the TV term of a harmless candidate is noisy (clean DDPM: |log| ~0.6)
-            score = stats["collapse"]
-            logger.info("DiffDefend search %s: ratio %.3f, collapse %.3f %s", name, ratio, score,
-                        {k: round(v, 3) for k, v in stats.items() if k.startswith(("collapse", "tv_log"))})
-            if best is None or score > best.scores["collapse"]:
-                best = Inversion(trigger, gamma, scores=stats)
-        if best is None:
-            raise SealdiffError(f"searches {cfg.searches!r} hold no search for a {model.kind} model (its noise is "
-                                "never scaled); add one without ':gamma'")
-        best.losses = losses
-        return best
 
     def statistics(self, model, trigger: torch.Tensor, gamma: float = 1.0) -> dict[str, float]:
         cfg = self.config

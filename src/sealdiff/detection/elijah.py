@@ -12,8 +12,12 @@ model answers any input roughly with the input itself. So:
    the batch's noise mean, is the same at τ = 0 and at the true trigger; README), so the same distribution shift
    is measured paired and at a fixed norm instead: τ = argmin over ‖τ‖ = `norm`, zero-mean per channel, of the
    response ratio λ̂(τ) = ⟨mean_b[ε̂(ε_b+τ, T) − ε̂(ε_b, T)], τ⟩/‖τ‖² (1 for a clean model, ≈ λ for the
-   backdoor's trigger); `restarts` parallel starts, coarse grid first (`common.search_response_ratio`).
-2. Sample n images from fresh ε + τ and, for reference, from the same ε alone.
+   backdoor's trigger); `restarts` parallel starts, coarse grid first (`common.search_response_ratio`). The
+   search runs once per noise scale γ in `noise_scales`, on inputs γ·ε + τ: γ = 1 is the paper's ε + τ; γ = 0.6 is
+   TrojDiff's trojan input (its blend default), which answers only scaled noise (README); the candidate whose
+   samples (step 2) collapse most is the inverted trigger, with its γ.
+2. Sample n images from fresh ε + τ and, for reference, from the same ε alone (γ < 1: from γ·ε + τ and γ·ε, with
+   the ddpm sampler's step noise scaled by γ, the trojan way).
 3. Uniformity: the trimmed mean pairwise distance of the triggered samples (Elijah: LPIPS; here RMS pixel
    distance, no weights to download); total variation of the triggered samples.
 4. Score = collapse = 1 − uniformity(ε + τ) / uniformity(ε) (a backdoor collapses the samples onto its
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from sealdiff.config import check_choice
-from sealdiff.detection import Detector, check_positive, help_field
+from sealdiff.detection import Detector, Inversion, check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
 
@@ -52,6 +56,10 @@ class ElijahConfig:
                                    "noise every step); None = 32 (paper) or 8 (ratio)", default=None)
     lr: float | None = help_field("Adam learning rate of the inversion; None = 0.1 (paper) or 0.05 (ratio)",
                                   default=None)
+    noise_scales: tuple[float, ...] = help_field("ratio: noise scales γ of the searched inputs γ·ε + τ at T, one "
+                                                 "search each (1: the paper's ε + τ; 0.6: TrojDiff's trojan input, "
+                                                 "sealdiff's; γ ≠ 1 is skipped for ncsn); the candidate whose samples "
+                                                 "collapse most wins", default=(1.0, 0.6))
     norm: float = help_field("ratio: ‖τ‖ of the candidates as a fraction of √d (d values in x_T; ε has norm ≈ √d)",
                              default=0.2)
     restarts: int = help_field("ratio: random starts optimised in parallel (the lowest ratio wins)", default=8)
@@ -83,6 +91,11 @@ class ElijahConfig:
             raise SealdiffError(f"coarse {self.coarse} / fine_epochs {self.fine_epochs} is invalid; valid: integers >= 0")
         if self.samplers is not None:
             self.samplers = (self.samplers,) if isinstance(self.samplers, str) else tuple(self.samplers)
+        scales = tuple(self.noise_scales) if isinstance(self.noise_scales, (list, tuple)) else ()
+        if not scales or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0
+                             for g in scales):
+            raise SealdiffError(f"noise_scales {self.noise_scales!r} is invalid; valid: one or more numbers in (0, 1]")
+        self.noise_scales = tuple(float(g) for g in scales)
         if self.samples < 3:
             raise SealdiffError(f"samples {self.samples} is invalid; valid: an integer >= 3")
         if not 0.0 <= self.trim < 0.5:
@@ -146,13 +159,17 @@ class ElijahDetector(Detector):
     name = "elijah"
     primary = "collapse"
 
+    def inversion(self, model) -> Inversion:
+        if self.config.objective == "ratio":
+            return self.ratio_searches(model, [(1.0, "min", gamma) for gamma in self.config.noise_scales],
+                                       "Elijah inversion")
+        return super().inversion(model)
+
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
+        """The paper's inversion (`objective='paper'`, x_T = ε + τ); `inversion` runs the configured objective."""
         cfg = self.config
         unet = model.unet
         gen = torch.Generator().manual_seed(cfg.seed)
-        if cfg.objective == "ratio":
-            trigger, _, losses = C.best_ratio_trigger(model, cfg, 1.0, "min", gen, "Elijah inversion", cfg.progress)
-            return trigger, losses
         noise = C.noise_like(model, cfg.batch, gen)
         u = (-torch.rand((1, *model.sample_shape), generator=gen)).requires_grad_(True)
         losses = C.optimize_trigger(unet, u, lambda: elijah_loss(model, unet, noise, u, cfg.lam), "Elijah inversion",
