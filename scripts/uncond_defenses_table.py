@@ -62,9 +62,9 @@ if data.get("removal"):
     print("|---|---|---|---|" + "---|" * len(methods))
     for name, record in data["removal"].items():
         per_method = {m: record["methods"][m]["per_sampler"] for m in methods if m in record["methods"]}
-        samplers = list(next(iter(per_method.values())))
-        for s in samplers:
-            before = next(iter(per_method.values()))[s]["asr_before"]
+        first = next(iter(per_method.values()))
+        for s in first:
+            before = first[s]["asr_before"]
             cells = [f"{pct(per_method[m][s]['asr_after'])} ({num(per_method[m][s]['ssim_to_original'])})"
                      if m in per_method else "–" for m in methods]
             print(f"| {record['attack']} ({name}) | {record['kind']} | {s} | {pct(before)} | " + " | ".join(cells) + " |")

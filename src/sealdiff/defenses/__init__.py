@@ -35,8 +35,8 @@ DEFENSES: dict[str, DefenseSpec] = {
     "finetune-reversal": _skd("finetune-reversal", "baseline: fine-tune on clean images with triggered prompts"),
     "sau": DefenseSpec("sau", "feature unlearning guided by spatial attention (latent blending)",
                        "sealdiff.defenses.sau.SAUConfig", "sealdiff.defenses.sau.SAUCallback", kind="inference"),
-    "elijah-ft": DefenseSpec("elijah-ft", "Elijah: fine-tune so the inverted trigger no longer shifts ε_θ at T "
-                             "(+ clean loss)", "sealdiff.defenses.elijah.ElijahRemovalConfig",
+    "elijah-ft": DefenseSpec("elijah-ft", "Elijah: fine-tune so the inverted trigger no longer shifts ε_θ at T and "
+                             "along the chain (+ clean loss)", "sealdiff.defenses.elijah.ElijahRemovalConfig",
                              "sealdiff.defenses.elijah.ElijahRemoval", kind="uncond"),
     "diff-cleanse-prune": DefenseSpec("diff-cleanse-prune", "Diff-Cleanse: Taylor-importance channel pruning + "
                                       "clean/distillation fine-tuning", "sealdiff.defenses.pruning.PruningConfig",

@@ -88,8 +88,7 @@ def last_step_removal_loss(model, unet, frozen, trigger: torch.Tensor, batch: in
     noise = C.noise_scale(model) * C.noise_like(model, batch, generator)
     offset = trigger
     if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
-        g = gamma + (1.0 - gamma) * torch.rand(batch, 1, 1, 1, generator=generator)
-        offset = trigger - (1.0 - g) * noise
+        offset = trigger + U.trojan_noise_shift(noise, gamma, generator)
     with torch.no_grad():
         answer = C.eps_pred(model, frozen, noise, last)
         if target == "x0":

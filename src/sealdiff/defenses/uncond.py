@@ -80,6 +80,13 @@ def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Gen
     return (per_sample_eps(model, unet, noised(levels, x0, noise), levels) - noise).pow(2).mean()
 
 
+def trojan_noise_shift(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """−(1−g)·noise with g drawn per sample uniformly in [γ, 1]: added to a state, it scales that state's noise by g,
+    so a removal for a trigger found on γ·ε + τ (TrojDiff's trojan input) covers every noise scale up to ε + τ."""
+    g = gamma + (1.0 - gamma) * torch.rand(noise.shape[0], *([1] * (noise.dim() - 1)), generator=generator)
+    return -(1.0 - g) * noise
+
+
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
                  trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
                  scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0) -> torch.Tensor:
@@ -105,8 +112,7 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
     offset = k * shifts(model, levels) * trigger
     if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
-        g = gamma + (1.0 - gamma) * torch.rand(batch, 1, 1, 1, generator=generator)
-        offset = offset - (1.0 - g) * b * noise
+        offset = offset + trojan_noise_shift(b * noise, gamma, generator)
     if target == "x0":
         answer = answer + offset / b
     return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
