@@ -119,14 +119,15 @@ def test_every_trigger_and_target_is_an_image_in_range():
     assert latent_pattern(box, (4, 8, 8)).shape == (4, 8, 8)
 
 
-@pytest.mark.parametrize("kind,attack,config", [
-    ("ddpm", baddiffusion.BadDiffusion, baddiffusion.BadDiffusionConfig(**FAST)),
-    ("ddpm", trojdiff.TrojDiff, trojdiff.TrojDiffConfig(**FAST)),
-    ("ncsn", villandiffusion.VillanDiffusion, villandiffusion.VillanDiffusionConfig(**FAST)),
-    ("ldm", villandiffusion.VillanDiffusion, villandiffusion.VillanDiffusionConfig(solver="ode", **FAST)),
+@pytest.mark.parametrize("kind,attack,config,build", [
+    ("ddpm", baddiffusion.BadDiffusion, baddiffusion.BadDiffusionConfig(**FAST), {}),
+    ("ddpm", trojdiff.TrojDiff, trojdiff.TrojDiffConfig(**FAST), {}),
+    ("ncsn", villandiffusion.VillanDiffusion, villandiffusion.VillanDiffusionConfig(**FAST), {}),
+    ("ldm", villandiffusion.VillanDiffusion, villandiffusion.VillanDiffusionConfig(solver="ode", **FAST), {}),
+    ("ldm", villandiffusion.VillanDiffusion, villandiffusion.VillanDiffusionConfig(**FAST), {"autoencoder": "vq"}),
 ])
-def test_a_few_training_steps_reduce_the_poisoned_loss(kind, attack, config):
-    model = tiny_uncond(kind, channels=(8, 16))
+def test_a_few_training_steps_reduce_the_poisoned_loss(kind, attack, config, build):
+    model = tiny_uncond(kind, channels=(8, 16), **build)
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     spec, result = attack(config).run(model)
     assert len(result.losses) == config.steps

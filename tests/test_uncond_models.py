@@ -16,7 +16,9 @@ CASES = [(kind, s) for kind in KINDS for s in SAMPLERS[kind]]
 
 @pytest.fixture(scope="module")
 def models():
-    return {kind: tiny_uncond(kind, channels=(8, 16), seed=0) for kind in KINDS}
+    built = {kind: tiny_uncond(kind, channels=(8, 16), seed=0) for kind in KINDS}
+    built["ldm-vq"] = tiny_uncond("ldm", channels=(8, 16), seed=0, autoencoder="vq")  # the published LDMs' kind
+    return built
 
 
 @pytest.mark.parametrize("kind,sampler", CASES)
@@ -66,17 +68,19 @@ def test_bad_noise_shape_and_steps_are_refused(models):
         tiny_uncond("gan")
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip_and_stock_layout(models, kind, tmp_path):
+@pytest.mark.parametrize("name", KINDS + ("ldm-vq",))
+def test_save_load_round_trip_and_stock_layout(models, name, tmp_path):
     from diffusers import DiffusionPipeline
 
-    model = models[kind]
+    model = models[name]
+    kind = model.kind
     save_uncond(model, tmp_path / "m")
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
     assert index["_class_name"] == uncond.PIPELINE_CLASS[kind]
     assert not list((tmp_path / "m").rglob("*.bin"))
     loaded = load_uncond(tmp_path / "m")
     assert loaded.kind == kind and loaded.sample_shape == model.sample_shape
+    assert type(loaded.vae) is type(model.vae)
     noise = sample_noise(model, 2, torch.Generator().manual_seed(0))
     for name in SAMPLERS[kind]:
         a = sample(model, noise, name, steps=2, generator=torch.Generator().manual_seed(3))
@@ -144,6 +148,40 @@ def test_sampling_loop_matches_the_stock_pipeline(models, sampler):
     ours = sample(model, noise, sampler, steps=3, generator=generator)
     ours = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(ours - stock).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["ldm", "ldm-vq"])
+def test_latent_loop_matches_the_stock_ldm_pipeline(models, name):
+    """LDMPipeline (DDIM, η = 0) from the same noise: our loop and decode agree with it for a KL and a VQ
+    autoencoder, with a scaling factor other than 1 (the stock pipeline divides by it and a VQModel quantizes)."""
+    import copy
+
+    from diffusers import LDMPipeline
+
+    model = copy.deepcopy(models[name])
+    model.vae.register_to_config(scaling_factor=0.5)
+    pipe = LDMPipeline(vqvae=model.vae, unet=model.unet, scheduler=uncond.make_scheduler(model, "ddim"))
+    pipe.set_progress_bar_config(disable=True)
+    stock = pipe(batch_size=2, generator=torch.Generator().manual_seed(4), num_inference_steps=3, eta=0.0,
+                 output_type="np").images
+    noise = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(4))
+    ours = ((sample(model, noise, "ddim", steps=3) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(ours - stock).max() < 1e-5
+
+
+def test_vq_latents_are_taken_before_quantization(models):
+    """encode returns a VQModel's continuous latents (scaled), which its decode quantizes: a one-pixel nudge of a
+    latent moves the encoding but not necessarily the decoded image, and decoding any latent lands on the codebook."""
+    model = models["ldm-vq"]
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        expected = model.vae.encode(images).latents * model.vae.config.scaling_factor
+        quantized = model.vae.quantize(expected / model.vae.config.scaling_factor)[0]
+    latents = model.encode(images)
+    torch.testing.assert_close(latents, expected)
+    assert not torch.allclose(latents, quantized)  # continuous, not snapped to the codebook
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(latents), model.decode(quantized))
 
 
 @pytest.mark.parametrize("sampler,corrector_steps", [("sde-ve", 1), ("sde-ve-predictor", 0)])

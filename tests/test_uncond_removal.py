@@ -180,6 +180,34 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
         str(out / "inverted_trigger.safetensors"))["trigger"])
 
 
+def test_cli_scan_and_pruning_run_through_a_vq_autoencoder(tmp_path):
+    """A latent model with a VQModel (the published unconditional LDMs' autoencoder): BBTI's chain decodes through
+    its quantizer with gradients reaching the trigger, and the pruned model saves as a stock LDMPipeline again."""
+    from sealdiff.detection.diffcleanse import bbti_loss
+    from sealdiff.models.uncond import tiny_uncond
+
+    model = tiny_uncond("ldm", channels=(8, 16), autoencoder="vq")
+    p = torch.randn(1, *model.sample_shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    noise = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    trigger = get_detector("diff-cleanse").make(progress=False).trigger_of(model, p)
+    bbti_loss(model, model.unet, noise, trigger, 2, True, torch.Generator().manual_seed(2)).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    model.unet.zero_grad(set_to_none=True)
+    model.vae.zero_grad(set_to_none=True)
+    model_dir = tmp_path / "vq-ldm"
+    save_uncond(model, model_dir)
+    before = directory_sha256(model_dir)
+    cfg = tmp_path / "scan.json"
+    cfg.write_text(json.dumps({**FAST["diff-cleanse"], "epochs": 2, "samples": 8, "sample_steps": 4}))
+    assert main(["scan", str(model_dir), "-o", str(tmp_path / "scan"), "--method", "diff-cleanse", "--config",
+                 str(cfg)]) == 0
+    assert main(["remove", str(model_dir), "-o", str(tmp_path / "out"), "--method", "diff-cleanse", "--trigger-file",
+                 str(tmp_path / "scan"), "--steps", "1", "--measure", "4"]) == 0
+    assert directory_sha256(model_dir) == before
+    repaired = load_uncond(tmp_path / "out")
+    assert type(repaired.vae).__name__ == "VQModel" and repaired.sample_shape == (4, 8, 8)
+
+
 def test_cli_remove_measures_every_sampler_when_asked(tmp_path, capsys):
     """`--sampler all`: before/after on every sampler of the model type, the attack's own first (and reported as
     `before`/`after`), with the same numbers as a one-sampler measurement."""

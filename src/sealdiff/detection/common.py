@@ -133,17 +133,6 @@ def ancestral_x0(model, unet, x_T: torch.Tensor, steps: int, noises: list[torch.
     return x
 
 
-def to_images(model, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-    """Model space -> images in [-1, 1] (differentiable; `clamp=False` keeps gradients of saturated pixels)."""
-    if model.kind == "ddpm":
-        images = x0
-    elif model.kind == "ncsn":
-        images = x0 * 2 - 1
-    else:
-        images = model.vae.decode(x0 / model.vae.config.scaling_factor).sample
-    return images.clamp(-1, 1) if clamp else images
-
-
 def noise_like(model, batch: int, generator: torch.Generator | None) -> torch.Tensor:
     """Unit Gaussian noise of the model's x_T shape (multiply by `noise_scale` for x_T)."""
     return torch.randn((batch, *model.sample_shape), generator=generator)

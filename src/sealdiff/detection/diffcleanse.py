@@ -106,7 +106,7 @@ def bbti_loss(model, unet, noise: torch.Tensor, trigger: torch.Tensor, grad_step
         x0 = C.ancestral_x0(model, unet, x_T, grad_steps, step_noise)
     else:
         x0 = C.ddim_x0(model, unet, x_T, grad_steps)
-    images = C.to_images(model, x0, clamp=False)
+    images = model.decode(x0, clamp=False)
     return (images - images.mean(0, keepdim=True)).pow(2).mean()
 
 

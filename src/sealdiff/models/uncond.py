@@ -1,5 +1,5 @@
 """Unconditional diffusion models: DDPM (pixel space, ε-prediction), NCSN / score-SDE (VE, score), and
-latent DDPM (LDM: ε-prediction on the latents of a small `AutoencoderKL`).
+latent DDPM (LDM: ε-prediction on the latents of an `AutoencoderKL` or a `VQModel`).
 
 All three are stock diffusers components saved in stock pipeline layouts, so `DiffusionPipeline.from_pretrained`
 loads every directory sealdiff writes:
@@ -8,11 +8,14 @@ loads every directory sealdiff writes:
 |---|---|---|---|
 | ddpm | `DDPMPipeline` | unet/ (UNet2DModel), scheduler/ (DDPMScheduler) | x0 in [-1, 1] |
 | ncsn | `ScoreSdeVePipeline` | unet/ (UNet2DModel, Fourier time embedding of σ), scheduler/ (ScoreSdeVeScheduler) | x0 in [0, 1] (the stock pipeline clamps to [0, 1]) |
-| ldm | `LDMPipeline` | unet/ (UNet2DModel on latents), vqvae/ (AutoencoderKL), scheduler/ (DDPMScheduler) | latents · `scaling_factor`; decoded images in [-1, 1] |
+| ldm | `LDMPipeline` | unet/ (UNet2DModel on latents), vqvae/ (AutoencoderKL or VQModel), scheduler/ (DDPMScheduler) | latents · `scaling_factor`; decoded images in [-1, 1] |
 
 The LDM's autoencoder lives in `vqvae/` because that is the component name `LDMPipeline` (the stock
 unconditional latent pipeline) expects; `LDMPipeline` only calls `decode(latents / scaling_factor).sample`,
-which an `AutoencoderKL` provides. `load_uncond` also accepts a `vae` component name.
+which both an `AutoencoderKL` (sealdiff's zoo) and a `VQModel` (the published unconditional LDMs, e.g. CompVis'
+CelebA-HQ one) provide; a `VQModel` quantizes in `decode`, as in the stock pipeline, and `encode` returns its
+latents before quantization (a KL autoencoder: the posterior mean). `load_uncond` also accepts a `vae` component
+name.
 
 Sampling (`sample`) is a thin loop of sealdiff's own around a stock scheduler created with `from_config`; it
 starts from the noise it is given (the caller may have stamped a trigger into it), never from a pipeline's
@@ -36,11 +39,13 @@ from sealdiff.models.loading import (_library_error, _one_line, check_finite, ch
                                      resolve_model)
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel, VQModel
 
 logger = logging.getLogger(__name__)
 
 ModelKind = Literal["ddpm", "ncsn", "ldm"]
+Autoencoder = Literal["kl", "vq"]
+AUTOENCODER_CLASSES = ("AutoencoderKL", "VQModel")  # the LDM autoencoders `load_uncond` accepts
 Sampler = Literal["ddpm", "ddim", "dpm-solver++", "unipc", "euler", "heun", "sde-ve", "sde-ve-predictor"]
 
 # samplers that apply to each kind (ε-prediction models take every VP sampler; the VE score model its SDE)
@@ -72,7 +77,7 @@ class UncondModel:
 
     unet: UNet2DModel
     scheduler: SchedulerMixin
-    vae: AutoencoderKL | None
+    vae: AutoencoderKL | VQModel | None
     kind: ModelKind
 
     def __post_init__(self) -> None:
@@ -131,18 +136,21 @@ class UncondModel:
         if self.kind == "ncsn":
             return (images + 1) / 2
         vae = self.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        encoded = vae.encode(images.to(vae.device, vae.dtype))
+        posterior = getattr(encoded, "latent_dist", None)  # KL: a distribution; VQ: latents before quantization
+        latents = posterior.mean if posterior is not None else encoded.latents
         return latents * vae.config.scaling_factor
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Inverse of `encode`; returns images clamped to [-1, 1]."""
+    def decode(self, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Inverse of `encode` (differentiable): images in [-1, 1], clamped unless `clamp=False` (which keeps the
+        gradients of saturated pixels)."""
         if self.kind == "ddpm":
             images = x0
         elif self.kind == "ncsn":
             images = x0 * 2 - 1
         else:
             images = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        return images.clamp(-1, 1)
+        return images.clamp(-1, 1) if clamp else images
 
 
 def _unet(kind: str, image_size: int, channels: tuple[int, ...], in_channels: int):
@@ -166,12 +174,15 @@ def ddpm_scheduler():
 
 
 def tiny_uncond(kind: ModelKind, image_size: int = 16, channels: tuple[int, ...] = (32, 64), seed: int = 0,
-                sigma_max: float = DEFAULT_SIGMA_MAX) -> UncondModel:
-    """A small randomly initialised model of `kind`, built in code (no download); `image_size` in pixels."""
-    from diffusers import AutoencoderKL, ScoreSdeVeScheduler
+                sigma_max: float = DEFAULT_SIGMA_MAX, autoencoder: Autoencoder = "kl") -> UncondModel:
+    """A small randomly initialised model of `kind`, built in code (no download); `image_size` in pixels;
+    `autoencoder` (ldm): an `AutoencoderKL` ('kl', the zoo's) or a `VQModel` ('vq', the published LDMs')."""
+    from diffusers import AutoencoderKL, ScoreSdeVeScheduler, VQModel
 
     if kind not in get_args(ModelKind):
         raise SealdiffError(f"kind={kind!r} is invalid; valid: {', '.join(get_args(ModelKind))}")
+    if autoencoder not in get_args(Autoencoder):
+        raise SealdiffError(f"autoencoder={autoencoder!r} is invalid; valid: {', '.join(get_args(Autoencoder))}")
     channels = tuple(int(c) for c in channels)
     if not channels or min(channels) < 1:
         raise SealdiffError(f"channels={channels!r} is invalid; valid: one or more positive widths")
@@ -183,10 +194,10 @@ def tiny_uncond(kind: ModelKind, image_size: int = 16, channels: tuple[int, ...]
         torch.manual_seed(seed)
         vae = None
         if kind == "ldm":
-            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                                layers_per_block=1, latent_channels=4, norm_num_groups=min(8, 32),
-                                sample_size=image_size, scaling_factor=1.0)
+            shared = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                          latent_channels=4, norm_num_groups=8, sample_size=image_size, scaling_factor=1.0)
+            vae = AutoencoderKL(**shared) if autoencoder == "kl" else VQModel(num_vq_embeddings=64, **shared)
             latent = image_size // 2
             if latent % factor:
                 raise SealdiffError(f"image_size={image_size} is invalid for ldm; valid: multiples of {2 * factor}")
@@ -284,7 +295,7 @@ def load_uncond(path: str | Path, allow_pickle: bool = False) -> UncondModel:
         vae_name = next((n for n in VAE_NAMES if n in index), None)
         if vae_name is None:
             raise SealdiffError(f"{where}: an LDMPipeline needs a 'vqvae' (or 'vae') component")
-        vae_cls = _entry(index, vae_name, where, ("AutoencoderKL",))
+        vae_cls = _entry(index, vae_name, where, AUTOENCODER_CLASSES)
     components = ("unet",) + ((vae_name,) if vae_name else ())
     for component in components + ("scheduler",):
         if not (directory / component).is_dir():
