@@ -16,7 +16,8 @@ from sealdiff.models.uncond import PIPELINE_CLASS, load_uncond, sample, sample_n
 
 SCAN = {  # one optimisation step and a few two-step samples: the paths, not the verdicts
     "elijah": dict(epochs=1, fine_epochs=1, restarts=2, samples=3, sample_steps=2, progress=False),
-    "diff-cleanse": dict(init="random", epochs=1, batch=2, grad_steps=2, samples=3, sample_steps=2, progress=False),
+    "diff-cleanse": dict(start_restarts=2, start_epochs=1, epochs=1, batch=2, grad_steps=2, samples=3, sample_steps=2,
+                         progress=False),
     "diffdefend": dict(epochs=1, fine_epochs=1, restarts=2, samples=3, sample_steps=2, progress=False),
 }
 REMOVE = dict(steps=1, batch=2, bank_size=2, bank_steps=2, progress=False)

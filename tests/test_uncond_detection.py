@@ -17,6 +17,7 @@ import uncond_micro as M
 from sealdiff.cli import main
 from sealdiff.detection import DETECTORS, get_detector
 from sealdiff.detection import common as C
+from sealdiff.detection.elijah import ElijahConfig
 from sealdiff.errors import SealdiffError
 from sealdiff.io import directory_sha256
 from sealdiff.metrics.detection import auroc, evaluate_split, fit_threshold
@@ -108,6 +109,9 @@ def test_registry_and_configs_refuse_bad_values():
             get_detector(name).make(norm=0)
     with pytest.raises(SealdiffError, match="valid: random, ratio"):
         get_detector("diff-cleanse").make(init="zeros")
+    for field in ("start_restarts", "start_epochs"):
+        with pytest.raises(SealdiffError, match=f"{field} 0 is invalid"):
+            get_detector("diff-cleanse").make(**{field: 0})
     with pytest.raises(SealdiffError, match="valid: rotated, clean"):
         get_detector("diffdefend").make(tv_baseline="flipped")
     for bad in ([], [0.0], [1.5]):
@@ -283,6 +287,12 @@ def test_diff_cleanse_ratio_init_starts_bbti_at_the_searched_direction(pair):
     random_start, _ = DiffCleanseDetector.invert(get_detector("diff-cleanse").make(
         progress=False, init="random", epochs=1, lr=1e-4, batch=2, grad_steps=2), model, "stochastic")
     assert float(torch.nn.functional.cosine_similarity(random_start.flatten(), r.flatten(), dim=0).abs()) < 0.5
+    # the start search takes the detector's own restarts and steps (Elijah's defaults unless set)
+    short = get_detector("diff-cleanse").make(progress=False, start_restarts=2, start_epochs=3)
+    expected, _, losses = C.best_ratio_trigger(model, ElijahConfig(restarts=2, epochs=3, fine_epochs=3), 1.0, "min",
+                                               torch.Generator().manual_seed(0), "x", False)
+    assert len(losses) == 6
+    torch.testing.assert_close(short.ratio_trigger(model, "stochastic", torch.Generator().manual_seed(0)), expected)
 
 
 def test_scaled_noise_search_finds_the_trojdiff_trigger():

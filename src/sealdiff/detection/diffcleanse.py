@@ -65,6 +65,10 @@ class DiffCleanseConfig:
     init: Init = help_field("start of τ: random (the paper's N(0, I) pattern under the bound κ) or ratio (sealdiff's: "
                             "the response-ratio search's trigger, then BBTI at its norm; see the docstring)",
                             default="ratio")
+    start_restarts: int = help_field("init=ratio: random starts of the response-ratio search (Elijah's default)",
+                                     default=8)
+    start_epochs: int = help_field("init=ratio: Adam steps of the search's coarse and of its fine stage (Elijah's "
+                                   "default)", default=100)
     grad_steps: int = help_field("steps of the differentiable sampler the loss runs through", default=6)
     bound: float = help_field("κ (init=random): the trigger is κ·tanh(p) in units of the prior's std", default=2.0)
     samples: int = help_field("images sampled from ε+τ for MSCR", default=32)
@@ -83,7 +87,8 @@ class DiffCleanseConfig:
         if self.lr is None:
             self.lr = 0.01 if self.init == "ratio" else 0.1
         check_positive({"epochs": self.epochs, "batch": self.batch, "grad_steps": self.grad_steps,
-                        "samples": self.samples, "sample_steps": self.sample_steps})
+                        "samples": self.samples, "sample_steps": self.sample_steps,
+                        "start_restarts": self.start_restarts, "start_epochs": self.start_epochs})
         check_positive({"lr": self.lr, "bound": self.bound, "delta": self.delta}, integer=False)
         self.chains = (self.chains,) if isinstance(self.chains, str) else tuple(self.chains)
         if not self.chains or any(c not in CHAINS for c in self.chains):
@@ -176,7 +181,9 @@ class DiffCleanseDetector(Detector):
     def ratio_trigger(self, model, chain: str, gen: torch.Generator) -> torch.Tensor:
         """The response-ratio search's trigger (x_T units) that BBTI starts from (`init='ratio'`)."""
         frac, direction = (0.5, "max") if chain == "deterministic" else (1.0, "min")
-        trigger, _, _ = C.best_ratio_trigger(model, ElijahConfig(), frac, direction, gen,
+        search = ElijahConfig(restarts=self.config.start_restarts, epochs=self.config.start_epochs,
+                              fine_epochs=self.config.start_epochs)
+        trigger, _, _ = C.best_ratio_trigger(model, search, frac, direction, gen,
                                              f"Diff-Cleanse start ({chain})", self.config.progress, self.gamma(chain))
         return trigger
 
