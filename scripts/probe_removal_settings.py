@@ -1,6 +1,6 @@
 """How one unconditional removal's settings move its result: one zoo model, one method, the trigger the method's own
-detector inverts (one scan, never the true trigger), then the removal once per settings variant (each a JSON object
-of config fields, `{}` = the defaults) on a fresh copy of the model. Attack success (true trigger) and SSIM to the
+detector inverts (or `--detector`'s; one scan, never the true trigger), then the removal once per settings variant
+(each a JSON object of config fields, `{}` = the defaults) on a fresh copy of the model. Attack success (true trigger) and SSIM to the
 original model's samples (same noise) under every sampler of the model type (`--samplers families`: one ancestral
 and one ODE sampler; VE: predictor-corrector and predictor).
 
@@ -20,7 +20,7 @@ import torch
 from sealdiff.cli.remove_uncond import MEASURE_STEPS
 from sealdiff.defenses import get_defense
 from sealdiff.defenses.uncond import UNCOND_METHODS
-from sealdiff.detection import get_detector, load_for_scan
+from sealdiff.detection import DETECTORS, get_detector, load_for_scan
 from sealdiff.detection import common as C
 from sealdiff.io import to_jsonable, versions
 from sealdiff.metrics import uncond as metrics
@@ -28,6 +28,8 @@ from sealdiff.metrics import uncond as metrics
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)
 parser.add_argument("--method", required=True, choices=list(UNCOND_METHODS))
+parser.add_argument("--detector", choices=list(DETECTORS), default=None,
+                    help="whose inverted trigger the removal gets (default: the method's own detector)")
 parser.add_argument("--variants", nargs="+", type=json.loads, default=[{}], help="JSON objects of config fields")
 parser.add_argument("--count", type=int, default=32)
 parser.add_argument("--samplers", choices=("all", "families"), default="all")
@@ -39,11 +41,12 @@ torch.set_num_threads(args.threads)
 model, directory = load_for_scan(f"zoo:{args.model}")
 backdoor = metrics.read_backdoor(directory)
 defense, detector = UNCOND_METHODS[args.method]
+detector = args.detector or detector
 scan = get_detector(detector).make(progress=False).scan(model)
 samplers = model.samplers if args.samplers == "all" else C.detection_samplers(model, None)
 original = {s: metrics.generate(model, args.count, s, MEASURE_STEPS[s]) for s in samplers}
-result = {"model": args.model, "method": args.method, "count": args.count, "threads": args.threads,
-          "versions": versions(), "scan": {"score": scan.score, "noise_scale": scan.noise_scale},
+result = {"model": args.model, "method": args.method, "detector": detector, "count": args.count,
+          "threads": args.threads, "versions": versions(), "scan": {"score": scan.score, "noise_scale": scan.noise_scale},
           "asr_before": {s: metrics.attack_success(model, backdoor, s, MEASURE_STEPS[s], args.count,
                                                    clean_images=original[s]).attack_success for s in samplers},
           "variants": []}
