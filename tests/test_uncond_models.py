@@ -130,6 +130,20 @@ def test_load_refuses_other_pipelines_and_broken_directories(models, tmp_path, b
         load_uncond(tmp_path / "m")
 
 
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_load_refuses_a_vp_model_that_does_not_predict_noise(models, tmp_path, prediction, capsys):
+    """Our own losses read the UNet's output as ε: a v- or x0-prediction DDPM is refused, not silently misread."""
+    from sealdiff.cli import main
+
+    save_uncond(models["ddpm"], tmp_path / "m")
+    config_file = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": prediction}))
+    with pytest.raises(SealdiffError, match=f"prediction_type '{prediction}'.*valid: epsilon"):
+        load_uncond(tmp_path / "m")
+    assert main(["scan", str(tmp_path / "m"), "-o", str(tmp_path / "scan")]) == 2
+    assert "valid: epsilon" in capsys.readouterr().err and not (tmp_path / "scan").exists()
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampling_loop_matches_the_stock_pipeline(models, sampler):
     """Our loop from given noise reproduces DDPMPipeline / DDIMPipeline (same noise, same step noise)."""

@@ -270,9 +270,15 @@ def _load_scheduler(folder: Path, kind: str):
         if not isinstance(config, dict):
             raise ValueError("not an object")
         cls = ScoreSdeVeScheduler if kind == "ncsn" else DDPMScheduler
-        return cls.from_config(config)
+        scheduler = cls.from_config(config)
     except Exception as exc:
         raise SealdiffError(f"{config_file} is not a valid scheduler config ({_one_line(exc)})") from None
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if kind != "ncsn" and prediction != "epsilon":
+        # the stock samplers would convert, but the attacks', scans' and removals' own losses read ε
+        raise SealdiffError(f"{config_file} has prediction_type {prediction!r}; the unconditional methods need an "
+                            "ε-prediction model; valid: epsilon")
+    return scheduler
 
 
 def load_uncond(path: str | Path, allow_pickle: bool = False) -> UncondModel:
