@@ -130,6 +130,16 @@ def test_load_refuses_other_pipelines_and_broken_directories(models, tmp_path, b
         load_uncond(tmp_path / "m")
 
 
+def test_load_refuses_a_class_conditional_unet(models, tmp_path):
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, num_class_embeds=10)
+    DDPMPipeline(unet=unet, scheduler=models["ddpm"].scheduler).save_pretrained(tmp_path / "m")
+    with pytest.raises(SealdiffError, match="class-conditional \\(num_class_embeds 10\\).*valid: an unconditional"):
+        load_uncond(tmp_path / "m")
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_load_refuses_a_vp_model_that_does_not_predict_noise(models, tmp_path, prediction, capsys):
     """Our own losses read the UNet's output as ε: a v- or x0-prediction DDPM is refused, not silently misread."""

@@ -317,6 +317,11 @@ def load_uncond(path: str | Path, allow_pickle: bool = False) -> UncondModel:
     if unet.config.in_channels != channels or unet.config.out_channels != channels:
         raise SealdiffError(f"{directory}: the UNet maps {unet.config.in_channels} to {unet.config.out_channels} "
                             f"channels, but this {cls_name} needs {channels} -> {channels}")
+    conditioning = ", ".join(f"{k} {unet.config.get(k)}" for k in ("class_embed_type", "num_class_embeds")
+                             if unet.config.get(k) is not None)
+    if conditioning:
+        raise SealdiffError(f"{directory}: the UNet is class-conditional ({conditioning}); sealdiff calls it without "
+                            "class labels; valid: an unconditional UNet2DModel")
     if kind == "ncsn" and unet.config.time_embedding_type != "fourier":
         logger.warning("%s: an NCSN UNet without a Fourier embedding of sigma; its outputs are read as scores",
                        directory)
