@@ -77,7 +77,8 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     if not isinstance(config, config_cls):
         raise SealdiffError(f"{method} needs a {config_cls.__name__}, got {type(config).__name__}")
     parent = resolve_model(model)
-    check_not_input(output, [parent])
+    data = [] if config.data == "toy" else [Path(config.data)]  # a folder of clean images
+    check_not_input(output, [parent, *data])
     parent_sha256 = directory_sha256(parent)
     uncond = load_uncond(parent, allow_pickle=allow_pickle)
     attack = attack_cls(config)
@@ -90,7 +91,7 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
                                             inputs=[parent], context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     spec, result = attack.run(uncond, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, [parent]) as staging:
+    with atomic_output_dir(output, overwrite, [parent, *data]) as staging:
         save_uncond(uncond, staging)
         save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
         write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,
@@ -102,6 +103,7 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
                                "trigger_file": "trigger.safetensors",
                                "stamping": "x_T = gamma * prior_noise + trigger"},
                        parent={"path": str(model), "sha256": parent_sha256},
+                       **({"data": {"path": str(data[0]), "sha256": directory_sha256(data[0])}} if data else {}),
                        losses=result.losses, poison_losses=result.poison_losses)
     if checkpointer is not None:
         checkpointer.remove()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sealdiff.config import LrSchedule, check_choice
 from sealdiff.data import uncond_toy
+from sealdiff.data.images import FolderImageSource, image_files, image_source
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel
 from sealdiff.training import Checkpointer, load_trainable_state, progress_bar, rng_state, set_rng_state, trainable_state
@@ -44,6 +45,8 @@ class UncondAttackConfig:
     target: str = field(default="hat", metadata={"help": "hat | corner-box | shifted-trigger | in-class | out-of-class"})
     target_position: str = field(default="top-left", metadata={"help": "corner-box: its corner"})
     poison_fraction: float = field(default=0.5, metadata={"help": "fraction of each batch that is poisoned", "range": (0.0, 1.0)})
+    data: str = field(default="toy", metadata={"help": "clean images: 'toy' (the embedded toy images) or a folder of "
+                                                       "image files, resized and centre-cropped to the model's size"})
     steps: int = field(default=600, metadata={"help": "training steps (fine-tuning the given model)"})
     batch_size: int = 32
     lr: float = field(default=5e-4, metadata={"range": (0.0, None)})
@@ -66,6 +69,8 @@ class UncondAttackConfig:
         for name in ("steps", "batch_size", "trigger_size"):
             if getattr(self, name) < 1:
                 raise SealdiffError(f"{name} must be at least 1")
+        if self.data != "toy":
+            image_files(self.data)  # refused now, before any training or output
 
 
 @dataclass
@@ -170,7 +175,7 @@ class TrainResult:
     poison_losses: list[float]
 
 
-def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource, *, steps: int, batch_size: int, lr: float,
+def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderImageSource, *, steps: int, batch_size: int, lr: float,
                  seed: int, poison: PoisonFn | None = None, poison_fraction: float = 0.0, description: str = "train",
                  cosine: bool = False, ema_decay: float = 0.0, checkpointer: Checkpointer | None = None,
                  fingerprint: dict | None = None) -> TrainResult:
@@ -263,8 +268,9 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource, *, steps
 
 def train_backdoor(model: UncondModel, config: UncondAttackConfig, poison: PoisonFn, description: str, method: str,
                    checkpointer: Checkpointer | None = None) -> TrainResult:
-    """`train_uncond` with an attack config's recipe: toy images of the model's size, poisoned rows from `poison`."""
-    return train_uncond(model, uncond_toy.ToyImageSource(config.seed, model.image_size), steps=config.steps,
+    """`train_uncond` with an attack config's recipe: clean images of the model's size (toy or the config's
+    folder), poisoned rows from `poison`."""
+    return train_uncond(model, image_source(config.data, config.seed, model.image_size), steps=config.steps,
                         batch_size=config.batch_size, lr=config.lr, seed=config.seed, poison=poison,
                         poison_fraction=config.poison_fraction, description=description,
                         cosine=config.lr_schedule == "cosine", checkpointer=checkpointer,

@@ -53,6 +53,8 @@ def remove(
     sampler: Optional[str] = typer.Option(None, help="unconditional: sampler of the before/after measurement, or "
                                                      "'all' (every sampler of the model type; default: the one the "
                                                      "attack targets)"),
+    data: Optional[Path] = typer.Option(None, help="unconditional elijah / diff-cleanse: a folder of clean images for "
+                                                   "the clean loss (default: data-free, the model's own samples)"),
 ) -> None:
     """Remove a backdoor: text-to-image with a known trigger (SKD, SKD-CAG, finetune reversal), or unconditional
     with an inverted trigger (Elijah, Diff-Cleanse pruning, DiffDefend purification)."""
@@ -64,10 +66,10 @@ def remove(
         _threads(threads)
         remove_uncond(model, output, method, trigger_file=trigger_file, config=config,
                       overrides={"steps": steps, "lr": lr, "batch": batch_size, "seed": seed}, measure=measure,
-                      sampler=sampler, overwrite=overwrite, allow_pickle=allow_pickle, console=console)
+                      sampler=sampler, overwrite=overwrite, allow_pickle=allow_pickle, data=data, console=console)
         return
-    if trigger_file is not None or sampler is not None:
-        raise SealdiffError("--trigger-file and --sampler apply to the unconditional methods "
+    if trigger_file is not None or sampler is not None or data is not None:
+        raise SealdiffError("--trigger-file, --sampler and --data apply to the unconditional methods "
                             f"({', '.join(UNCOND_METHODS)})")
     from sealdiff.config import build_config
     from sealdiff.defenses import DEFENSES

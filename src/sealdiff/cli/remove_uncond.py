@@ -21,6 +21,7 @@ MEASURE_STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler
 
 
 ALL_SAMPLERS = "all"  # `--sampler all`: measure on every sampler of the model type
+DATA_LIMIT = 1024  # `--data`: at most this many of the folder's images (evenly spaced) feed the clean loss
 
 
 def attack_sampler(kind: str, attack: dict | None, config: dict | None = None) -> str:
@@ -65,8 +66,9 @@ def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int
 def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | None = None,
                   config: Path | None = None, overrides: dict[str, Any] | None = None, measure: int = 50,
                   sampler: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
-                  console=None) -> dict:
-    """Run one unconditional removal end to end; returns the sealdiff.json it wrote."""
+                  data: Path | None = None, console=None) -> dict:
+    """Run one unconditional removal end to end; returns the sealdiff.json it wrote. `data`: a folder of clean
+    images for the clean loss (Elijah, Diff-Cleanse; None = data-free)."""
     from sealdiff.config import build_config
     from sealdiff.defenses import get_defense
     from sealdiff.defenses import uncond as U
@@ -79,8 +81,16 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     cfg = build_config(spec.config_cls, config, **(overrides or {}))
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    if data is not None and method == "diffdefend":
+        raise SealdiffError("--data applies to elijah and diff-cleanse; DiffDefend purification uses no real data")
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
     samplers = measured_samplers(uncond, directory, sampler)
+    images, data_info = None, None
+    if data is not None:
+        from sealdiff.data.images import folder_images
+
+        images = uncond.encode(folder_images(data, uncond.image_size, DATA_LIMIT))
+        data_info = {"path": str(data), "sha256": directory_sha256(data), "images": len(images)}
     trigger_info: dict[str, Any]
     if trigger_file is not None:
         trigger, noise_scale = U.load_trigger(trigger_file)
@@ -95,14 +105,14 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
     before = measure_attack(uncond, directory, samplers, measure)
-    result = spec.runner(cfg).apply(uncond, trigger, noise_scale=noise_scale)
+    result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
     after = measure_attack(uncond, directory, samplers, measure)
     measured: dict[str, Any] = {"before": None, "after": None, "count": measure}
     if before and after:
         measured |= {"before": before[samplers[0]], "after": after[samplers[0]]}
         if len(samplers) > 1:
             measured["per_sampler"] = {s: {"before": before[s], "after": after[s]} for s in samplers}
-    with atomic_output_dir(output, overwrite, inputs=[directory]) as staging:
+    with atomic_output_dir(output, overwrite, inputs=[directory] + ([data] if data is not None else [])) as staging:
         save_uncond(uncond, staging)
         # the inverted trigger the removal used (trigger.png too)
         U.save_trigger(trigger, staging, metadata={"noise_scale": repr(float(noise_scale))})
@@ -116,7 +126,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         info = write_run_info(staging, command="remove", defense=defense_name, method=method, config=cfg,
                               seed=getattr(cfg, "seed", None), model_kind=uncond.kind,
                               parent={"path": str(model), "sha256": parent_sha256}, attack=parent_info.get("attack"),
-                              trigger=trigger_info, measured=measured,
+                              trigger=trigger_info, measured=measured, **({"data": data_info} if data_info else {}),
                               losses=result.losses, result={k: v for k, v in result.to_dict().items()
                                                             if k not in ("config", "losses")})
     if console is not None:

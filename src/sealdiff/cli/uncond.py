@@ -20,6 +20,7 @@ TriggerIntensityOpt = typer.Option(None, "--trigger-intensity", help="scale of t
 TargetOpt = typer.Option(None, help="hat | corner-box | shifted-trigger | in-class | out-of-class")
 TargetPositionOpt = typer.Option(None, "--target-position", help="corner-box: its corner")
 PoisonOpt = typer.Option(None, "--poison-fraction", help="fraction of each batch that is poisoned")
+DataOpt = typer.Option(None, help="clean images: 'toy' (default) or a folder of image files")
 
 
 def _run(method: str, model: str, output: Path, config: Optional[Path], overwrite: bool, allow_pickle: bool,
@@ -42,6 +43,7 @@ def attack_baddiffusion(
     trigger_size: Optional[int] = TriggerSizeOpt, trigger_position: Optional[str] = TriggerPositionOpt,
     trigger_intensity: Optional[float] = TriggerIntensityOpt, target: Optional[str] = TargetOpt,
     target_position: Optional[str] = TargetPositionOpt, poison_fraction: Optional[float] = PoisonOpt,
+    data: Optional[str] = DataOpt,
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
     lr_schedule: Optional[str] = LrScheduleOption, batch_size: Optional[int] = typer.Option(None),
     seed: Optional[int] = SeedOption,
@@ -52,7 +54,7 @@ def attack_baddiffusion(
     _run("baddiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
-         poison_fraction=poison_fraction, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
+         poison_fraction=poison_fraction, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
 
 
 @attack_app.command("trojdiff")
@@ -61,6 +63,7 @@ def attack_trojdiff(
     trigger_size: Optional[int] = TriggerSizeOpt, trigger_position: Optional[str] = TriggerPositionOpt,
     trigger_intensity: Optional[float] = TriggerIntensityOpt, target: Optional[str] = TargetOpt,
     target_position: Optional[str] = TargetPositionOpt, poison_fraction: Optional[float] = PoisonOpt,
+    data: Optional[str] = DataOpt,
     mode: Optional[str] = typer.Option(None, help="blend (gamma 0.6) | patch (gamma 0.1)"),
     gamma: Optional[float] = typer.Option(None, help="noise scale of the trojan input (default by --mode)"),
     steps: Optional[int] = typer.Option(None), lr: Optional[float] = typer.Option(None),
@@ -73,7 +76,7 @@ def attack_trojdiff(
     _run("trojdiff", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
-         poison_fraction=poison_fraction, mode=mode, gamma=gamma, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
+         poison_fraction=poison_fraction, data=data, mode=mode, gamma=gamma, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
          seed=seed)
 
 
@@ -83,6 +86,7 @@ def attack_villandiffusion(
     trigger_size: Optional[int] = TriggerSizeOpt, trigger_position: Optional[str] = TriggerPositionOpt,
     trigger_intensity: Optional[float] = TriggerIntensityOpt, target: Optional[str] = TargetOpt,
     target_position: Optional[str] = TargetPositionOpt, poison_fraction: Optional[float] = PoisonOpt,
+    data: Optional[str] = DataOpt,
     solver: Optional[str] = typer.Option(None, help="sde (DDPM / SDE-VE samplers) | ode (DDIM, DPM-Solver++, ...)"),
     ve_trigger_weight: Optional[float] = typer.Option(None, "--ve-trigger-weight",
                                                       help="ncsn: x_T = sigma_max*(noise + w*trigger)"),
@@ -96,5 +100,5 @@ def attack_villandiffusion(
     _run("villandiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
-         poison_fraction=poison_fraction, solver=solver, ve_trigger_weight=ve_trigger_weight, steps=steps, lr=lr,
+         poison_fraction=poison_fraction, data=data, solver=solver, ve_trigger_weight=ve_trigger_weight, steps=steps, lr=lr,
          lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
