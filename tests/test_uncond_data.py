@@ -109,6 +109,8 @@ def test_removal_uses_the_folder_for_its_clean_loss(ddpm_dir, folder, tmp_path, 
     assert real["data"] == {"path": str(folder), "sha256": directory_sha256(folder), "images": 2}
     assert real["result"]["extra"]["data"] == "real images" and free["result"]["extra"]["data"] == "model-generated"
     capsys.readouterr()
+    _one_line(main(args + ["-o", str(folder / "out"), "--data", str(folder)]), err := capsys.readouterr().err)
+    assert "would overwrite the input" in err and not (folder / "out").exists()
     _one_line(main(["remove", str(ddpm_dir), "-o", str(tmp_path / "d"), "--method", "diffdefend", "--trigger-file",
                     str(tmp_path), "--data", str(folder)]), err := capsys.readouterr().err)
     assert "uses no real data" in err

@@ -175,8 +175,8 @@ class TrainResult:
     poison_losses: list[float]
 
 
-def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderImageSource, *, steps: int, batch_size: int, lr: float,
-                 seed: int, poison: PoisonFn | None = None, poison_fraction: float = 0.0, description: str = "train",
+def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderImageSource, *, steps: int,
+                 batch_size: int, lr: float, seed: int, poison: PoisonFn | None = None, poison_fraction: float = 0.0, description: str = "train",
                  cosine: bool = False, ema_decay: float = 0.0, checkpointer: Checkpointer | None = None,
                  fingerprint: dict | None = None) -> TrainResult:
     """Train `model.unet` in place (AdamW, grad-norm clip 1). `poison(noise, t) -> (x_t, target)` gives the

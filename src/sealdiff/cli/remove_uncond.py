@@ -73,7 +73,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.defenses import get_defense
     from sealdiff.defenses import uncond as U
     from sealdiff.detection import get_detector, load_for_scan
-    from sealdiff.io import atomic_output_dir, directory_sha256, write_run_info
+    from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
     from sealdiff.models.uncond import save_uncond
 
     defense_name, detector_name = U.UNCOND_METHODS[method]
@@ -84,6 +84,8 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     if data is not None and method == "diffdefend":
         raise SealdiffError("--data applies to elijah and diff-cleanse; DiffDefend purification uses no real data")
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
+    inputs = [directory] + ([data] if data is not None else [])
+    check_not_input(output, inputs)  # before the work, not only when the output is written
     samplers = measured_samplers(uncond, directory, sampler)
     images, data_info = None, None
     if data is not None:
@@ -112,7 +114,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         measured |= {"before": before[samplers[0]], "after": after[samplers[0]]}
         if len(samplers) > 1:
             measured["per_sampler"] = {s: {"before": before[s], "after": after[s]} for s in samplers}
-    with atomic_output_dir(output, overwrite, inputs=[directory] + ([data] if data is not None else [])) as staging:
+    with atomic_output_dir(output, overwrite, inputs=inputs) as staging:
         save_uncond(uncond, staging)
         # the inverted trigger the removal used (trigger.png too)
         U.save_trigger(trigger, staging, metadata={"noise_scale": repr(float(noise_scale))})
