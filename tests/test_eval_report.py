@@ -429,3 +429,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     bad = tmp_path / "bad.html"
     bad.write_text("<html><body><p>x</p><script>undefinedFunction();</script></body></html>")
     assert any("Uncaught" in line for line in console_errors(screenshot(bad, tmp_path / "bad.png")))
+
+
+def test_report_refuses_to_mix_evaluation_runs_and_unconditional_removals(tmp_path, capsys):
+    removal, evaluation = tmp_path / "removal", tmp_path / "evaluation"
+    removal.mkdir()
+    evaluation.mkdir()
+    (removal / "sealdiff.json").write_text(json.dumps({"command": "remove", "model_kind": "ddpm"}))
+    (evaluation / "metrics.json").write_text("{}")
+    assert main(["report", str(removal), str(evaluation), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not both" in err and not (tmp_path / "r.html").exists()

@@ -178,6 +178,22 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     assert info["measured"]["after"]["attack_success"] < info["measured"]["before"]["attack_success"]
     assert torch.equal(load_trigger(scan)[0], __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(out / "inverted_trigger.safetensors"))["trigger"])
+    # before/after grids from the same noise, and a report page built from the removal output
+    from PIL import Image
+
+    assert info["grids"] == {"sampler": "ddpm", "count": 16, "sets": ["clean", "triggered"]}
+    grids = {name: Image.open(out / f"grid_{name}.png") for name in
+             ("triggered_before", "triggered_after", "clean_before", "clean_after")}
+    assert len({g.size for g in grids.values()}) == 1 and grids["triggered_before"].tobytes() != \
+        grids["triggered_after"].tobytes()
+    page = tmp_path / "report.html"
+    assert main(["report", str(out), "-o", str(page)]) == 0
+    html = page.read_text()
+    before_pct = f"{info['measured']['before']['attack_success']:.1%}"
+    after_pct = f"{info['measured']['after']['attack_success']:.1%}"
+    assert f"<td>{before_pct}</td><td>{after_pct}</td>" in html and "diff-cleanse-prune" in html
+    assert html.count('<img alt="repaired triggered') == 2 and 'alt="repaired inverted trigger"' in html
+    assert "src=\"http" not in html  # self-contained
 
 
 def test_cli_scan_and_pruning_run_through_a_vq_autoencoder(tmp_path):

@@ -22,6 +22,7 @@ MEASURE_STEPS = {"ddpm": 40, "ddim": 20, "dpm-solver++": 20, "unipc": 20, "euler
 
 ALL_SAMPLERS = "all"  # `--sampler all`: measure on every sampler of the model type
 DATA_LIMIT = 1024  # `--data`: at most this many of the folder's images (evenly spaced) feed the clean loss
+GRID_COUNT = 16  # samples per image grid of a removal (the first seeds of the measurement noise)
 
 
 def attack_sampler(kind: str, attack: dict | None, config: dict | None = None) -> str:
@@ -63,6 +64,19 @@ def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int
             for s in samplers}
 
 
+def sample_grids(model, directory: Path, sampler: str) -> dict[str, Any]:
+    """Samples for the removal's image grids: from clean noise, and stamped with the recorded attack's trigger when
+    the model records one (the true trigger, only to show what it does)."""
+    from sealdiff.metrics import uncond as metrics
+
+    steps = MEASURE_STEPS.get(sampler, 20)
+    grids = {"clean": metrics.generate(model, GRID_COUNT, sampler, steps)}
+    if (directory / metrics.TRIGGER_FILE).is_file():
+        grids["triggered"] = metrics.generate(model, GRID_COUNT, sampler, steps,
+                                              backdoor=metrics.read_backdoor(directory))
+    return grids
+
+
 def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | None = None,
                   config: Path | None = None, overrides: dict[str, Any] | None = None, measure: int = 50,
                   sampler: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
@@ -75,6 +89,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.detection import get_detector, load_for_scan
     from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
     from sealdiff.models.uncond import save_uncond
+    from sealdiff.report.images import removal_grid_name, save_grid
 
     defense_name, detector_name = U.UNCOND_METHODS[method]
     spec = get_defense(defense_name)
@@ -107,8 +122,11 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
     before = measure_attack(uncond, directory, samplers, measure)
+    grids = {"before": sample_grids(uncond, directory, samplers[0])} if measure else {}
     result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
     after = measure_attack(uncond, directory, samplers, measure)
+    if measure:
+        grids["after"] = sample_grids(uncond, directory, samplers[0])
     measured: dict[str, Any] = {"before": None, "after": None, "count": measure}
     if before and after:
         measured |= {"before": before[samplers[0]], "after": after[samplers[0]]}
@@ -120,6 +138,9 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         U.save_trigger(trigger, staging, metadata={"noise_scale": repr(float(noise_scale))})
         (staging / U.TRIGGER_FILE).rename(staging / "inverted_trigger.safetensors")
         (staging / "trigger.png").rename(staging / "inverted_trigger.png")
+        for stage, sets in grids.items():
+            for image_set, samples in sets.items():
+                save_grid((samples + 1) / 2, staging / removal_grid_name(image_set, stage))
         attack_record = directory / U.TRIGGER_FILE
         if attack_record.is_file():  # the attack's record, kept so the repaired model can be measured like its parent
             shutil.copyfile(attack_record, staging / U.TRIGGER_FILE)
@@ -129,6 +150,8 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
                               seed=getattr(cfg, "seed", None), model_kind=uncond.kind,
                               parent={"path": str(model), "sha256": parent_sha256}, attack=parent_info.get("attack"),
                               trigger=trigger_info, measured=measured, **({"data": data_info} if data_info else {}),
+                              grids={"sampler": samplers[0], "count": GRID_COUNT,
+                                     "sets": sorted(grids.get("after", {}))} if grids else None,
                               losses=result.losses, result={k: v for k, v in result.to_dict().items()
                                                             if k not in ("config", "losses")})
     if console is not None:

@@ -1,4 +1,5 @@
-"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`).
+"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`), or unconditional removal
+outputs (`sealdiff remove --method elijah|diff-cleanse|diffdefend -o DIR`).
 
 Everything is inline: images and plots are PNG data URIs, the style sheet is embedded, there is no
 script and no external resource. The page shows the runs' image grids side by side for the same prompts
@@ -22,8 +23,8 @@ from PIL import Image
 
 from sealdiff.errors import SealdiffError
 from sealdiff.io import read_run_info
-from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, UTILITY_METRICS, grid_name, read_eval_run
-from sealdiff.report.images import data_uri
+from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, METRICS_FILE, UTILITY_METRICS, grid_name, read_eval_run
+from sealdiff.report.images import data_uri, removal_grid_name
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,37 @@ def load_run(directory: str | Path) -> Run:
         if model_losses:
             losses["model"] = model_losses
     return Run(label=str(label), path=directory, metrics=metrics, info=info, grids=grids, losses=losses)
+
+
+UNCOND_KINDS = ("ddpm", "ncsn", "ldm")
+REMOVAL_SETS = {"triggered": "Triggered noise (the recorded attack's trigger)", "clean": "Clean noise"}
+
+
+@dataclass
+class RemovalRun:
+    """One unconditional removal output as the report sees it: its sealdiff.json and image grids."""
+
+    label: str
+    path: Path
+    info: dict
+    grids: dict[tuple[str, str], Path] = field(default_factory=dict)  # (set, before|after) -> PNG
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+def is_uncond_removal(directory: Path) -> bool:
+    if not (directory / "sealdiff.json").is_file() or (directory / METRICS_FILE).is_file():
+        return False
+    info = read_run_info(directory)
+    return info.get("command") == "remove" and info.get("model_kind") in UNCOND_KINDS
+
+
+def load_removal_run(directory: Path) -> RemovalRun:
+    info = read_run_info(directory)
+    grids = {(image_set, stage): directory / removal_grid_name(image_set, stage) for image_set in REMOVAL_SETS
+             for stage in ("before", "after") if (directory / removal_grid_name(image_set, stage)).is_file()}
+    losses = find_losses(info)
+    return RemovalRun(label=str(info.get("label") or directory.name), path=directory, info=info, grids=grids,
+                      losses={"run": losses} if losses else {})
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -302,6 +334,84 @@ def render_html(runs: list[Run], title: str = "sealdiff report") -> str:
     return "\n".join(parts)
 
 
+def _per_sampler(run: RemovalRun) -> dict[str, dict]:
+    measured = run.info.get("measured") or {}
+    if measured.get("per_sampler"):
+        return measured["per_sampler"]
+    sampler = (run.info.get("grids") or {}).get("sampler", "")
+    return {sampler: measured} if measured.get("before") else {}
+
+
+def render_removal_html(runs: list[RemovalRun], title: str = "sealdiff report") -> str:
+    """The page for unconditional removal outputs: what was removed with which inverted trigger, attack success
+    before/after per sampler, the before/after grids from the same noise, the inverted triggers, the losses."""
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>",
+             f"<h1>{_e(title)}</h1>",
+             f'<p class="sub">{len(runs)} unconditional removal{"s" if len(runs) != 1 else ""}: '
+             f'{_e(", ".join(r.label for r in runs))}</p>',
+             "<h2>Runs</h2><table><tr><th class=l>run</th><th class=l>parent model</th><th class=l>sha256</th>"
+             "<th class=l>kind</th><th class=l>removal</th><th class=l>inverted trigger</th><th class=l>clean data</th>"
+             "<th>seconds</th></tr>"]
+    for r in runs:
+        info, trigger = r.info, r.info.get("trigger") or {}
+        source = trigger.get("source", "?")
+        found = (f"scan: {trigger.get('method')} score {trigger['score']:.3f}" if source == "scan" and "score" in trigger
+                 else f"file {trigger.get('path', '')}")
+        result = info.get("result") or {}
+        data = (info.get("data") or {}).get("path") or (result.get("extra") or {}).get("data") or "model-generated"
+        seconds = result.get("seconds")
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(info['parent']['path'])}</code></td>"
+                     f"<td class=l><code>{_e(info['parent']['sha256'][:12])}</code></td><td class=l>{_e(info['model_kind'])}"
+                     f"</td><td class=l>{_e(info.get('defense'))}</td><td class=l>{_e(found)}, γ "
+                     f"{trigger.get('noise_scale', 1.0):g}</td><td class=l>{_e(data)}</td>"
+                     f"<td>{'—' if seconds is None else f'{seconds:.0f}'}</td></tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Attack success</h2><table><tr><th class=l>run</th><th class=l>sampler</th><th>before</th>"
+                 "<th>after</th><th>false trigger after</th><th>samples</th></tr>")
+    unmeasured = []
+    for r in runs:
+        rows = _per_sampler(r)
+        if not rows:
+            unmeasured.append(r.label)
+        for sampler, row in rows.items():
+            parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l>{_e(sampler)}</td>"
+                         f"<td>{_pct(row['before']['attack_success'])}</td><td>{_pct(row['after']['attack_success'])}</td>"
+                         f"<td>{_pct(row['after']['false_trigger_rate'])}</td><td>{r.info['measured']['count']}</td></tr>")
+    parts.append("</table><p class=\"note\">Attack success: share of samples from noise stamped with the recorded "
+                 "attack's true trigger (read only to measure) within the MSE threshold of its target; false trigger: "
+                 "the same on clean noise.</p>")
+    if unmeasured:
+        parts.append(f'<p class="warn">Not measured (the model records no attack, or --measure 0): '
+                     f'{_e(", ".join(unmeasured))}</p>')
+
+    for image_set, set_title in REMOVAL_SETS.items():
+        with_set = [r for r in runs if (image_set, "after") in r.grids]
+        if not with_set:
+            continue
+        parts.append(f"<h2>{_e(set_title)}</h2><div class=\"grids\">")
+        for r in with_set:
+            sampler = (r.info.get("grids") or {}).get("sampler", "")
+            for stage in ("before", "after"):
+                if (image_set, stage) in r.grids:
+                    picture = Image.open(r.grids[(image_set, stage)]).convert("RGB")
+                    parts.append(f'<figure><img alt="{_e(r.label)} {image_set} {stage}" src="{data_uri(picture)}">'
+                                 f"<figcaption>{_e(f'{r.label}: {stage} ({sampler})')}</figcaption></figure>")
+        parts.append("</div>")
+
+    triggers = [(r, r.path / "inverted_trigger.png") for r in runs if (r.path / "inverted_trigger.png").is_file()]
+    if triggers:
+        parts.append("<h2>Inverted triggers</h2><div class=\"grids\">" + "".join(
+            f'<figure><img alt="{_e(r.label)} inverted trigger" src="{data_uri(Image.open(path).convert("RGB"))}">'
+            f"<figcaption>{_e(r.label)}</figcaption></figure>" for r, path in triggers) + "</div>")
+    losses = loss_plot(runs)
+    parts.append("<h2>Training loss</h2>" + (f'<div class="plots"><img alt="training loss" src="{losses}"></div>'
+                                             if losses else '<p class="note">No losses recorded.</p>'))
+    parts.append('<p class="note">Generated by sealdiff report.</p></body></html>\n')
+    return "\n".join(parts)
+
+
 def _grid_hits(run: Run, image_set: str) -> str:
     metrics = run.metrics
     if image_set == "triggered":
@@ -319,12 +429,16 @@ def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "s
     output = Path(output)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    runs = [load_run(d) for d in run_dirs]
+    removals = [is_uncond_removal(Path(d)) for d in run_dirs]
+    if any(removals) and not all(removals):
+        raise SealdiffError("give either evaluation runs (`sealdiff eval -o`) or unconditional removal outputs "
+                            "(`sealdiff remove -o`), not both")
+    runs = [load_removal_run(Path(d)) for d in run_dirs] if all(removals) else [load_run(d) for d in run_dirs]
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):  # disambiguate repeated labels
         if labels.count(r.label) > 1:
             r.label = f"{r.label} ({r.path.name})" if r.path.name != r.label else f"{r.label} #{i + 1}"
-    page = render_html(runs, title)
+    page = render_removal_html(runs, title) if all(removals) else render_html(runs, title)
     output.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.",
                                          suffix=".partial", delete=False)

@@ -30,6 +30,11 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
     grid(images, columns).save(path, format="PNG")
 
 
+def removal_grid_name(image_set: str, stage: str) -> str:
+    """File name of an unconditional removal's image grid (`image_set` triggered | clean, `stage` before | after)."""
+    return f"grid_{image_set}_{stage}.png"
+
+
 def data_uri(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
