@@ -228,6 +228,12 @@ def _visible(text: str) -> str:
     return "".join(c if c.isprintable() and not c.isspace() or c == " " else f"\\u{ord(c):04x}" for c in text)
 
 
+def _head(title: str) -> str:
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head>"
+            f"<body>\n<h1>{_e(title)}</h1>")
+
+
 def _metric_cell(metric: dict) -> str:
     if metric["value"] is None:
         return f'<td class="absent" title="{_e(metric["reason"])}">—</td>'
@@ -248,9 +254,7 @@ def _consistency(runs: list[Run]) -> str:
 
 
 def render_html(runs: list[Run], title: str = "sealdiff report") -> str:
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
-             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>",
-             f"<h1>{_e(title)}</h1>",
+    parts = [_head(title),
              f'<p class="sub">{len(runs)} evaluation run{"s" if len(runs) != 1 else ""}: '
              f'{_e(", ".join(r.label for r in runs))}</p>']
 
@@ -345,24 +349,22 @@ def _per_sampler(run: RemovalRun) -> dict[str, dict]:
 def render_removal_html(runs: list[RemovalRun], title: str = "sealdiff report") -> str:
     """The page for unconditional removal outputs: what was removed with which inverted trigger, attack success
     before/after per sampler, the before/after grids from the same noise, the inverted triggers, the losses."""
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
-             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{STYLE}</style></head><body>",
-             f"<h1>{_e(title)}</h1>",
+    parts = [_head(title),
              f'<p class="sub">{len(runs)} unconditional removal{"s" if len(runs) != 1 else ""}: '
              f'{_e(", ".join(r.label for r in runs))}</p>',
              "<h2>Runs</h2><table><tr><th class=l>run</th><th class=l>parent model</th><th class=l>sha256</th>"
              "<th class=l>kind</th><th class=l>removal</th><th class=l>inverted trigger</th><th class=l>clean data</th>"
              "<th>seconds</th></tr>"]
     for r in runs:
-        info, trigger = r.info, r.info.get("trigger") or {}
+        info, trigger, parent = r.info, r.info.get("trigger") or {}, r.info.get("parent") or {}
         source = trigger.get("source", "?")
         found = (f"scan: {trigger.get('method')} score {trigger['score']:.3f}" if source == "scan" and "score" in trigger
-                 else f"file {trigger.get('path', '')}")
+                 else f"{source} {trigger.get('path', '')}")
         result = info.get("result") or {}
         data = (info.get("data") or {}).get("path") or (result.get("extra") or {}).get("data") or "model-generated"
         seconds = result.get("seconds")
-        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(info['parent']['path'])}</code></td>"
-                     f"<td class=l><code>{_e(info['parent']['sha256'][:12])}</code></td><td class=l>{_e(info['model_kind'])}"
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(parent.get('path', '?'))}</code></td>"
+                     f"<td class=l><code>{_e(str(parent.get('sha256', '?'))[:12])}</code></td><td class=l>{_e(info['model_kind'])}"
                      f"</td><td class=l>{_e(info.get('defense'))}</td><td class=l>{_e(found)}, γ "
                      f"{trigger.get('noise_scale', 1.0):g}</td><td class=l>{_e(data)}</td>"
                      f"<td>{'—' if seconds is None else f'{seconds:.0f}'}</td></tr>")
