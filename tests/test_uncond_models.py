@@ -130,6 +130,17 @@ def test_load_refuses_other_pipelines_and_broken_directories(models, tmp_path, b
         load_uncond(tmp_path / "m")
 
 
+@pytest.mark.parametrize("command", [["eval"], ["generate", "-p", "a prompt"]])
+def test_text_to_image_commands_point_an_unconditional_model_elsewhere(models, tmp_path, command, capsys):
+    from sealdiff.cli import main
+
+    save_uncond(models["ddpm"], tmp_path / "m")
+    assert main([command[0], str(tmp_path / "m"), *command[1:], "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a DDPMPipeline" in err and "`sealdiff scan`" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_load_refuses_a_class_conditional_unet(models, tmp_path):
     from diffusers import DDPMPipeline, UNet2DModel
 

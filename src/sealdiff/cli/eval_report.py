@@ -44,7 +44,7 @@ def evaluate(
     from sealdiff.config import build_config
     from sealdiff.metrics.backdoor import Target
     from sealdiff.metrics.evaluate import EvalConfig, TARGET_KINDS, attack_from_model, evaluate_model
-    from sealdiff.models.loading import resolve_model
+    from sealdiff.models.loading import require_t2i, resolve_model
 
     if threads:
         import torch
@@ -59,6 +59,7 @@ def evaluate(
                        fid_features=fid_features, trigger_position=trigger_position, label=label,
                        allow_pickle=allow_pickle or None)
     directory = resolve_model(model)
+    require_t2i(directory)
     attack = attack_from_model(directory)
     target = Target.from_run_info({"attack": attack}) if attack.get("kind") else Target(kind=kind or "pixel")
     if kind:

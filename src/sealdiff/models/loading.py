@@ -236,16 +236,28 @@ def _load_model(directory: Path, component: str, class_name: str, dtype: torch.d
     return model
 
 
+def require_t2i(directory: Path) -> dict:
+    """The model index of a text-to-image `StableDiffusionPipeline` directory; any other pipeline is refused (an
+    unconditional one with the commands that take it)."""
+    from sealdiff.models.uncond import KIND_OF_PIPELINE
+
+    index = read_model_index(directory)
+    kind = index["_class_name"]
+    if kind != "StableDiffusionPipeline":
+        hint = ("; unconditional models go through `sealdiff scan`, `sealdiff remove --method elijah|diff-cleanse|"
+                "diffdefend --measure N` and `sealdiff report`") if kind in KIND_OF_PIPELINE else ""
+        raise SealdiffError(f"{directory} holds a {kind}; this command needs a text-to-image StableDiffusionPipeline"
+                            + hint)
+    return index
+
+
 def load_t2i(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              allow_pickle: bool = False):
     """Load a text-to-image `StableDiffusionPipeline` directory (SD 1.x/2.x layout or the tiny zoo)."""
     from diffusers import StableDiffusionPipeline
 
     directory = resolve_model(spec)
-    index = read_model_index(directory)
-    kind = index["_class_name"]
-    if kind not in ("StableDiffusionPipeline",):
-        raise SealdiffError(f"{directory} holds a {kind}; this command needs a text-to-image StableDiffusionPipeline")
+    index = require_t2i(directory)
     try:
         check_files(directory)
         check_components(directory, index)
