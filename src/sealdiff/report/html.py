@@ -18,12 +18,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 from PIL import Image
 
 from sealdiff.errors import SealdiffError
 from sealdiff.io import read_run_info
 from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, METRICS_FILE, UTILITY_METRICS, grid_name, read_eval_run
+from sealdiff.models.uncond import ModelKind
 from sealdiff.report.images import data_uri, removal_grid_name
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,6 @@ def load_run(directory: str | Path) -> Run:
     return Run(label=str(label), path=directory, metrics=metrics, info=info, grids=grids, losses=losses)
 
 
-UNCOND_KINDS = ("ddpm", "ncsn", "ldm")
 REMOVAL_SETS = {"triggered": "Triggered noise (the recorded attack's trigger)", "clean": "Clean noise"}
 
 
@@ -105,7 +106,7 @@ def is_uncond_removal(directory: Path) -> bool:
     if not (directory / "sealdiff.json").is_file() or (directory / METRICS_FILE).is_file():
         return False
     info = read_run_info(directory)
-    return info.get("command") == "remove" and info.get("model_kind") in UNCOND_KINDS
+    return info.get("command") == "remove" and info.get("model_kind") in get_args(ModelKind)
 
 
 def load_removal_run(directory: Path) -> RemovalRun:
