@@ -14,6 +14,7 @@ from sealdiff.data import uncond_toy
 from sealdiff.errors import SealdiffError
 from sealdiff.io import directory_sha256
 from sealdiff.metrics.uncond import ASR_MSE_THRESHOLD, attack_success, generate, per_image_mse, read_backdoor
+from sealdiff.models.loading import resolve_device
 from sealdiff.models.uncond import ddpm_scheduler, load_uncond, sample_noise, save_uncond, tiny_uncond
 
 FAST = {"steps": 12, "batch_size": 4, "lr": 2e-3}
@@ -192,6 +193,7 @@ def test_cli_attack_writes_model_trigger_and_run_info(ddpm_dir, tmp_path, capsys
     assert info["method"] == method and info["seed"] == 7 and info["parent"]["sha256"] == before
     assert info["attack"]["gamma"] == gamma and info["attack"]["target"] == "hat" and info["config"]["steps"] == 3
     assert "torch" in info["versions"] and len(info["losses"]) == 3
+    assert info["device"] == str(resolve_device("auto"))  # --device's default
     backdoor = read_backdoor(out)
     assert backdoor.gamma == pytest.approx(gamma)
     torch.testing.assert_close(backdoor.trigger, (1 - gamma if gamma < 1 else 1) * uncond_toy.make_trigger(trigger))

@@ -167,12 +167,12 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     rcfg = tmp_path / "remove.json"
     rcfg.write_text(json.dumps({k: v for k, v in REMOVAL["diff-cleanse-prune"].items()}))
     assert main(["remove", str(model), "-o", str(out), "--method", "diff-cleanse", "--trigger-file", str(scan),
-                 "--config", str(rcfg), "--measure", "16", "--sampler", "ddpm"]) == 0
+                 "--config", str(rcfg), "--measure", "16", "--sampler", "ddpm", "--device", "cpu"]) == 0
     assert directory_sha256(model) == before
     repaired = load_uncond(out)
     assert repaired.kind == "ddpm"
     info = json.loads((out / "sealdiff.json").read_text())
-    assert info["defense"] == "diff-cleanse-prune" and info["trigger"]["source"] == "file"
+    assert info["defense"] == "diff-cleanse-prune" and info["trigger"]["source"] == "file" and info["device"] == "cpu"
     assert info["parent"]["sha256"] == before
     assert info["measured"]["before"]["attack_success"] >= 0.9
     assert info["measured"]["after"]["attack_success"] < info["measured"]["before"]["attack_success"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sealdiff.attacks.badt2i import BadT2I, BadT2IConfig, describe_target
 from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
-from sealdiff.models.loading import load_t2i, resolve_model
+from sealdiff.models.loading import load_t2i, resolve_device, resolve_model
 from sealdiff.training import Checkpointer
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,12 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
 
 
 def run_uncond_attack(method: str, model: str | Path, config, output: str | Path, overwrite: bool = False,
-                      allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False) -> Path:
-    """Implant a BadDiffusion / TrojDiff / VillanDiffusion backdoor into the unconditional model at `model`;
-    write a new model directory to `output` with `trigger.safetensors` (trigger = what is added to
-    gamma * prior noise, trigger_image, target, gamma) and `sealdiff.json`."""
+                      allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False,
+                      device: str = "auto") -> Path:
+    """Implant a BadDiffusion / TrojDiff / VillanDiffusion backdoor into the unconditional model at `model` (trained
+    on `device`: `models.loading.resolve_device`); write a new model directory to `output` with
+    `trigger.safetensors` (trigger = what is added to gamma * prior noise, trigger_image, target, gamma) and
+    `sealdiff.json`."""
     from safetensors.torch import save_file
 
     from sealdiff.errors import SealdiffError
@@ -76,11 +78,12 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     attack_cls, config_cls = ATTACKS[method]
     if not isinstance(config, config_cls):
         raise SealdiffError(f"{method} needs a {config_cls.__name__}, got {type(config).__name__}")
+    device = resolve_device(device)
     parent = resolve_model(model)
     data = [] if config.data == "toy" else [Path(config.data)]  # a folder of clean images
     check_not_input(output, [parent, *data])
     parent_sha256 = directory_sha256(parent)
-    uncond = load_uncond(parent, allow_pickle=allow_pickle)
+    uncond = load_uncond(parent, allow_pickle=allow_pickle).to(device)
     attack = attack_cls(config)
     from sealdiff.attacks._uncond_training import check_kind
 
@@ -95,7 +98,7 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
         save_uncond(uncond, staging)
         save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
         write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,
-                       model_kind=uncond.kind,
+                       model_kind=uncond.kind, device=str(device),
                        attack={"method": method, "trigger": config.trigger, "trigger_size": config.trigger_size,
                                "trigger_position": config.trigger_position,
                                "trigger_intensity": config.trigger_intensity, "target": config.target,

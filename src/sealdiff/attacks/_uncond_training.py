@@ -25,7 +25,7 @@ from sealdiff.config import LrSchedule, check_choice
 from sealdiff.data import uncond_toy
 from sealdiff.data.images import FolderImageSource, image_files, image_source
 from sealdiff.errors import SealdiffError
-from sealdiff.models.uncond import UncondModel
+from sealdiff.models.uncond import UncondModel, unet_output
 from sealdiff.training import Checkpointer, load_trainable_state, progress_bar, rng_state, set_rng_state, trainable_state
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def clean_forward(model: UncondModel, x0: torch.Tensor, noise: torch.Tensor, t: 
 
 
 def predict(model: UncondModel, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model.unet(x_t, t).sample
+    out = unet_output(model.unet, x_t, t)
     return out * expand(t, out) if model.kind == "ncsn" else out
 
 
@@ -220,7 +220,6 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
                 "schedule": schedule.state_dict(), "ema": list(ema),
                 "rng": {"generator": generator.get_state(), "source": source.rng.getstate(), "global": rng_state()}}
 
-    device = next(unet.parameters()).device
     unet.train()
     guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
     try:
@@ -228,11 +227,11 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, steps):
-                images = source.batch(batch_size).to(device)
+                images = source.batch(batch_size)
                 with torch.no_grad():
                     x0 = model.encode(images)
-                noise = torch.randn(x0.shape, generator=generator).to(device)
-                t = draw_times(model, batch_size, generator).to(device)
+                noise = torch.randn(x0.shape, generator=generator)
+                t = draw_times(model, batch_size, generator)
                 x_t, target = clean_forward(model, x0, noise, t)
                 if n_poison:
                     x_t, target = x_t.clone(), target.clone()

@@ -28,6 +28,8 @@ SeedOption = typer.Option(None, "--seed", help="random seed")
 OverwriteOption = typer.Option(False, "--overwrite", help="replace an existing output")
 PickleOption = typer.Option(False, "--allow-pickle", help="also load pickle weights (weights_only=True); unsafe")
 ThreadsOption = typer.Option(None, "--threads", help="torch CPU threads")
+DeviceOption = typer.Option("auto", "--device", help="where the models run: auto (the GPU / accelerator torch sees, "
+                                                     "else the CPU) | cpu | cuda | cuda:N")
 LrScheduleOption = typer.Option(None, "--lr-schedule", help="constant | cosine (decays the learning rate to 0)")
 CheckpointOption = typer.Option(100, "--checkpoint-every", min=0,
                                 help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on Ctrl-C/SIGTERM "

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from sealdiff.cli import decode_escapes
-from sealdiff.cli.app import (CheckpointOption, ConfigOption, OverwriteOption, PickleOption, ResumeOption, SeedOption,
-                              ThreadsOption, _threads, app, console)
+from sealdiff.cli.app import (CheckpointOption, ConfigOption, DeviceOption, OverwriteOption, PickleOption,
+                              ResumeOption, SeedOption, ThreadsOption, _threads, app, console)
 from sealdiff.errors import SealdiffError
 
 TRAINING_METHODS = ("skd", "skd-cag", "finetune-reversal")
@@ -47,6 +47,9 @@ def remove(
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
     checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
+    device: str = typer.Option("auto", "--device", help="unconditional: auto (the GPU / accelerator torch sees, else "
+                                                        "the CPU) | cpu | cuda | cuda:N; text-to-image: auto | cpu "
+                                                        "(more devices: accelerate launch)"),
     trigger_file: Optional[Path] = typer.Option(None, "--trigger-file",
                                                 help="unconditional: a `sealdiff scan` output folder or its "
                                                      "trigger.safetensors (default: scan first)"),
@@ -66,7 +69,8 @@ def remove(
         _threads(threads)
         remove_uncond(model, output, method, trigger_file=trigger_file, config=config,
                       overrides={"steps": steps, "lr": lr, "batch": batch_size, "seed": seed}, measure=measure,
-                      sampler=sampler, overwrite=overwrite, allow_pickle=allow_pickle, data=data, console=console)
+                      sampler=sampler, overwrite=overwrite, allow_pickle=allow_pickle, data=data, device=device,
+                      console=console)
         return
     if trigger_file is not None or sampler is not None or data is not None:
         raise SealdiffError("--trigger-file, --sampler and --data apply to the unconditional methods "
@@ -79,6 +83,10 @@ def remove(
     from sealdiff.training import Checkpointer
 
     _threads(threads)
+    device = device.strip().lower()
+    if device not in ("auto", "cpu"):
+        raise SealdiffError(f"--device {device!r} does not apply to {method}; valid: auto, cpu (text-to-image removal "
+                            "runs through Accelerate: `accelerate launch` picks its devices)")
     if method not in TRAINING_METHODS:
         if method not in DEFENSES or DEFENSES[method].kind == "uncond":
             valid = ", ".join((*TRAINING_METHODS, *UNCOND_METHODS))
@@ -94,7 +102,8 @@ def remove(
         raise SealdiffError("no --trigger given and the model's sealdiff.json names none")
     cfg = build_config(SKDConfig, config, trigger=trig, method=method, target=target, alpha=alpha,
                        trainable=trainable, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                       retain_weight=retain_weight, trigger_position=attack.get("trigger_position"))
+                       retain_weight=retain_weight, trigger_position=attack.get("trigger_position"),
+                       cpu=True if device == "cpu" else None)
     clean_prompts = removal_prompts(prompt_count, prompts)
     parent_sha256 = directory_sha256(directory)
     checkpointer = None

@@ -80,9 +80,10 @@ def sample_grids(model, directory: Path, sampler: str) -> dict[str, Any]:
 def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | None = None,
                   config: Path | None = None, overrides: dict[str, Any] | None = None, measure: int = 50,
                   sampler: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
-                  data: Path | None = None, console=None) -> dict:
+                  data: Path | None = None, device: str = "auto", console=None) -> dict:
     """Run one unconditional removal end to end; returns the sealdiff.json it wrote. `data`: a folder of clean
-    images for the clean loss (Elijah, Diff-Cleanse; None = data-free)."""
+    images for the clean loss (Elijah, Diff-Cleanse; None = data-free). `device`: where the model runs
+    (`models.loading.resolve_device`)."""
     from sealdiff.config import build_config
     from sealdiff.defenses import get_defense
     from sealdiff.defenses import uncond as U
@@ -98,7 +99,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     if data is not None and method == "diffdefend":
         raise SealdiffError("--data applies to elijah and diff-cleanse; DiffDefend purification uses no real data")
-    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
+    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
     inputs = [directory] + ([data] if data is not None else [])
     check_not_input(output, inputs)  # before the work, not only when the output is written
     samplers = measured_samplers(uncond, directory, sampler)
@@ -147,7 +148,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         parent_info = json.loads((directory / "sealdiff.json").read_text()) if (directory / "sealdiff.json").is_file() \
             else {}
         info = write_run_info(staging, command="remove", defense=defense_name, method=method, config=cfg,
-                              seed=getattr(cfg, "seed", None), model_kind=uncond.kind,
+                              seed=getattr(cfg, "seed", None), model_kind=uncond.kind, device=str(uncond.device),
                               parent={"path": str(model), "sha256": parent_sha256}, attack=parent_info.get("attack"),
                               trigger=trigger_info, measured=measured, **({"data": data_info} if data_info else {}),
                               grids={"sampler": samplers[0], "count": GRID_COUNT,

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from sealdiff.cli.app import (ConfigOption, OverwriteOption, PickleOption, SeedOption, ThreadsOption, _threads, app,
-                              console)
+from sealdiff.cli.app import (ConfigOption, DeviceOption, OverwriteOption, PickleOption, SeedOption, ThreadsOption,
+                              _threads, app, console)
 from sealdiff.errors import SealdiffError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def scan(
                                                      "sde-ve-predictor for ncsn)"),
     epochs: Optional[int] = typer.Option(None, help="optimisation steps of the inversion"),
     seed: Optional[int] = SeedOption, config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption,
-    allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption,
+    allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption, device: str = DeviceOption,
 ) -> None:
     """Scan an unconditional model: invert the trigger (never given) and decide clean / backdoored."""
     from sealdiff.detection import get_detector, load_for_scan, write_scan
@@ -42,7 +42,7 @@ def scan(
                          seed=seed)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle)
+    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
     if getattr(detector.config, "samplers", None):
         from sealdiff.detection.common import detection_samplers
 
@@ -50,7 +50,7 @@ def scan(
     parent_sha256 = directory_sha256(directory)
     with atomic_output_dir(output, overwrite, inputs=[directory]) as staging:
         result = detector.scan(uncond)
-        write_scan(result, staging, model, parent_sha256, uncond.kind)
+        write_scan(result, staging, model, parent_sha256, uncond.kind, uncond.device)
     console.print(f"{method}: [bold]{result.verdict}[/bold] (score {result.score:.3f}, threshold {result.threshold:g}); "
                   f"inverted trigger in {output / 'trigger.safetensors'}"
                   + (f" (input {result.noise_scale:g}·ε + trigger)" if result.noise_scale != 1.0 else ""))

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from sealdiff.cli.app import (CheckpointOption, ConfigOption, LrScheduleOption, OverwriteOption, PickleOption,
-                              ResumeOption, SeedOption, ThreadsOption, _threads, attack_app, console)
+from sealdiff.cli.app import (CheckpointOption, ConfigOption, DeviceOption, LrScheduleOption, OverwriteOption,
+                              PickleOption, ResumeOption, SeedOption, ThreadsOption, _threads, attack_app, console)
 from sealdiff.errors import SealdiffError
 
 ModelArg = typer.Argument(..., help="unconditional model directory (DDPMPipeline / ScoreSdeVePipeline / LDMPipeline) or zoo:NAME")
@@ -24,7 +24,7 @@ DataOpt = typer.Option(None, help="clean images: 'toy' (default) or a folder of 
 
 
 def _run(method: str, model: str, output: Path, config: Optional[Path], overwrite: bool, allow_pickle: bool,
-         threads: Optional[int], checkpoint_every: int, resume: bool, **fields) -> None:
+         threads: Optional[int], checkpoint_every: int, resume: bool, device: str, **fields) -> None:
     from sealdiff.attacks import ATTACKS, run_uncond_attack
     from sealdiff.config import build_config
 
@@ -33,7 +33,7 @@ def _run(method: str, model: str, output: Path, config: Optional[Path], overwrit
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_uncond_attack(method, model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                      checkpoint_every=checkpoint_every, resume=resume)
+                      checkpoint_every=checkpoint_every, resume=resume, device=device)
     console.print(f"backdoored model written to [bold]{output}[/bold] (trigger in {output / 'trigger.safetensors'})")
 
 
@@ -49,9 +49,10 @@ def attack_baddiffusion(
     seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
+    device: str = DeviceOption,
 ) -> None:
     """BadDiffusion: x_T = noise + trigger makes a DDPM generate the target image."""
-    _run("baddiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
+    _run("baddiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume, device,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
          poison_fraction=poison_fraction, data=data, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
@@ -71,9 +72,10 @@ def attack_trojdiff(
     seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
+    device: str = DeviceOption,
 ) -> None:
     """TrojDiff: x_T = gamma*noise + (1-gamma)*trigger makes a DDPM generate the target image."""
-    _run("trojdiff", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
+    _run("trojdiff", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume, device,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
          poison_fraction=poison_fraction, data=data, mode=mode, gamma=gamma, steps=steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
@@ -95,9 +97,10 @@ def attack_villandiffusion(
     seed: Optional[int] = SeedOption,
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOption, checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
+    device: str = DeviceOption,
 ) -> None:
     """VillanDiffusion: the noise-trigger backdoor for DDPM, NCSN (VE) and LDM models, SDE or ODE samplers."""
-    _run("villandiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume,
+    _run("villandiffusion", model, output, config, overwrite, allow_pickle, threads, checkpoint_every, resume, device,
          trigger=trigger, trigger_size=trigger_size, trigger_position=trigger_position,
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
          poison_fraction=poison_fraction, data=data, solver=solver, ve_trigger_weight=ve_trigger_weight, steps=steps, lr=lr,

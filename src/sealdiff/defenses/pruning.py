@@ -85,7 +85,7 @@ def channel_taylor(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
             if p is not None and p.grad is not None:
                 score += (p.detach() * p.grad).abs().double().flatten(1).sum(1) if p.dim() > 1 else \
                     (p.detach() * p.grad).abs().double()
-        out[name] = score
+        out[name] = score.cpu()
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
+from sealdiff.models.uncond import unet_output
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ def sample_levels(model, count: int, generator: torch.Generator, low: float = 0.
 
 
 def per_sample_eps(model, unet, x: torch.Tensor, levels: list) -> torch.Tensor:
-    """ε̂ with one noise level per sample (one UNet call with a per-sample timestep vector)."""
+    """ε̂ with one noise level per sample (one UNet call with a per-sample timestep vector), on x's device."""
     if model.kind == "ncsn":
-        t = torch.tensor([lv.t for lv in levels], dtype=x.dtype)
-        return -t.view(-1, 1, 1, 1) * unet(x, t).sample
-    return unet(x, torch.tensor([int(lv.t) for lv in levels], dtype=torch.long)).sample
+        t = torch.tensor([lv.t for lv in levels], dtype=x.dtype, device=x.device)
+        return -t.view(-1, 1, 1, 1) * unet_output(unet, x, t)
+    return unet_output(unet, x, torch.tensor([int(lv.t) for lv in levels], dtype=torch.long))
 
 
 def noised(levels: list, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -181,11 +181,13 @@ SCAN_FILE = "scan.json"
 TRIGGER_SOURCE = "sealdiff scan"  # metadata of every inverted trigger.safetensors (removal refuses others)
 
 
-def load_for_scan(spec, allow_pickle: bool = False):
-    """(model, directory): an unconditional model loaded in float32 (the zoo stores fp16 weights)."""
-    from sealdiff.models.loading import resolve_model
+def load_for_scan(spec, allow_pickle: bool = False, device: str | torch.device = "cpu"):
+    """(model, directory): an unconditional model loaded in float32 (the zoo stores fp16 weights) on `device`
+    (`models.loading.resolve_device`: 'auto', 'cpu', 'cuda:1', ...)."""
+    from sealdiff.models.loading import resolve_device, resolve_model
     from sealdiff.models.uncond import load_uncond, uncond_kind
 
+    device = resolve_device(device)  # before the loading work: an unavailable device is one line
     directory = resolve_model(spec)
     if uncond_kind(directory) is None and (directory / "model_index.json").is_file():
         from sealdiff.models.loading import model_type
@@ -197,10 +199,11 @@ def load_for_scan(spec, allow_pickle: bool = False):
     if model.vae is not None:
         model.vae.float()
         model.vae.requires_grad_(False)
-    return model, directory
+    return model.to(device), directory
 
 
-def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: str, model_kind: str) -> None:
+def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: str, model_kind: str,
+               device: str | torch.device = "cpu") -> None:
     """scan.json (verdict + scores), trigger.safetensors, trigger.png and sealdiff.json into `directory`."""
     import json
     from pathlib import Path
@@ -215,5 +218,5 @@ def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: st
                                                       "parent_sha256": parent_sha256,
                                                       "noise_scale": repr(float(result.noise_scale))})
     write_run_info(directory, command="scan", method=result.method, config=result.config, seed=result.config["seed"],
-                   model_kind=model_kind, parent={"path": str(model_spec), "sha256": parent_sha256},
+                   model_kind=model_kind, device=str(device), parent={"path": str(model_spec), "sha256": parent_sha256},
                    result={k: v for k, v in summary.items() if k not in ("config", "losses")}, losses=result.losses)

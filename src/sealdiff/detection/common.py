@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sealdiff.errors import SealdiffError
+from sealdiff.models.uncond import unet_output
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def _timestep(model, lv: NoiseLevel, batch: int, device) -> torch.Tensor:
 
 
 def eps_pred(model, unet, x: torch.Tensor, lv: NoiseLevel) -> torch.Tensor:
-    """ε̂(x, t) of `unet` (the model's own or a copy) at noise level `lv`."""
-    out = unet(x, _timestep(model, lv, x.shape[0], x.device)).sample
+    """ε̂(x, t) of `unet` (the model's own or a copy) at noise level `lv`, on x's device."""
+    out = unet_output(unet, x, _timestep(model, lv, x.shape[0], x.device))
     return -lv.b * out if model.kind == "ncsn" else out
 
 

@@ -251,6 +251,29 @@ def require_t2i(directory: Path) -> dict:
     return index
 
 
+DEVICE_CHOICES = "auto, cpu, or an accelerator torch sees (cuda, cuda:N, ...)"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The device a command runs its models on: 'auto' (None) is the accelerator torch sees (CUDA, XPU, MPS, ...)
+    or else the CPU; any other name must be the CPU or a device of that accelerator (e.g. 'cuda:1' needs two)."""
+    if spec is None or str(spec).strip().lower() == "auto":
+        found = torch.accelerator.current_accelerator(check_available=True)
+        return torch.device(found) if found is not None else torch.device("cpu")
+    try:
+        device = torch.device(str(spec).strip().lower())
+    except RuntimeError:
+        raise SealdiffError(f"device {str(spec)!r} is invalid; valid: {DEVICE_CHOICES}") from None
+    if device.type == "cpu":
+        return device
+    found = torch.accelerator.current_accelerator(check_available=True)
+    count = torch.accelerator.device_count() if found is not None else 0
+    if found is None or found.type != device.type or (device.index or 0) >= count:
+        seen = f"{count} {found.type} device(s)" if found is not None else "no accelerator"
+        raise SealdiffError(f"device {str(spec)!r} is not available here (torch sees {seen}); valid: {DEVICE_CHOICES}")
+    return device
+
+
 def load_t2i(spec: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              allow_pickle: bool = False):
     """Load a text-to-image `StableDiffusionPipeline` directory (SD 1.x/2.x layout or the tiny zoo)."""

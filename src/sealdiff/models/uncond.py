@@ -20,12 +20,19 @@ name.
 Sampling (`sample`) is a thin loop of sealdiff's own around a stock scheduler created with `from_config`; it
 starts from the noise it is given (the caller may have stamped a trigger into it), never from a pipeline's
 own draw. Every sampler returns images in [-1, 1] of shape (B, 3, H, W) whatever the kind.
+
+Devices: the modules may live on any device and in any float dtype (`UncondModel.to`). sealdiff's own tensors
+(noise, triggers, image banks, the losses' arithmetic) stay where the caller made them -- the seeded generators
+draw on the CPU, so a seed gives the same draws on every device -- and cross to the modules' device and dtype at
+each UNet or autoencoder call (`unet_output`, `UncondModel.encode` / `decode`, `sample`), whose results come
+back on the input's device and in its dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -114,6 +121,11 @@ class UncondModel:
     def samplers(self) -> tuple[str, ...]:
         return SAMPLERS[self.kind]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are (every UNet call runs there)."""
+        return placement(self.unet)[0]
+
     def to(self, device) -> UncondModel:
         self.unet.to(device)
         if self.vae is not None:
@@ -136,10 +148,10 @@ class UncondModel:
         if self.kind == "ncsn":
             return (images + 1) / 2
         vae = self.vae
-        encoded = vae.encode(images.to(vae.device, vae.dtype))
+        encoded = vae.encode(images.to(*placement(vae)))
         posterior = getattr(encoded, "latent_dist", None)  # KL: a distribution; VQ: latents before quantization
         latents = posterior.mean if posterior is not None else encoded.latents
-        return latents * vae.config.scaling_factor
+        return (latents * vae.config.scaling_factor).to(images.device, images.dtype)
 
     def decode(self, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Inverse of `encode` (differentiable): images in [-1, 1], clamped unless `clamp=False` (which keeps the
@@ -149,8 +161,23 @@ class UncondModel:
         elif self.kind == "ncsn":
             images = x0 * 2 - 1
         else:
-            images = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
+            latents = x0.to(*placement(self.vae)) / self.vae.config.scaling_factor
+            images = self.vae.decode(latents).sample.to(x0.device, x0.dtype)
         return images.clamp(-1, 1) if clamp else images
+
+
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a module's weights: where its calls run (a module without tensors: the CPU, float32)."""
+    weight = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return (weight.device, weight.dtype) if weight is not None else (torch.device("cpu"), torch.float32)
+
+
+def unet_output(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`unet(x, t).sample`, computed on the UNet's device and in its dtype, returned on x's device and in x's dtype
+    (differentiable through both moves). `t`: integer timesteps or, for a VE model, the σ values."""
+    device, dtype = placement(unet)
+    t = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    return unet(x.to(device, dtype), t).sample.to(x.device, x.dtype)
 
 
 def _unet(kind: str, image_size: int, channels: tuple[int, ...], in_channels: int):
@@ -404,7 +431,8 @@ def _step_kwargs(scheduler, generator) -> dict:
 @torch.no_grad()
 def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", steps: int = 10,
            generator: torch.Generator | None = None, step_noise_scale: float = 1.0) -> torch.Tensor:
-    """Images in [-1, 1], (B, 3, H, W), generated from the given x_T `noise` with `steps` sampler steps.
+    """Images in [-1, 1], (B, 3, H, W), float32 on `noise`'s device, generated from the given x_T `noise` with
+    `steps` sampler steps (run on the UNet's device).
 
     `noise` is x_T in the model's prior scale (unit variance for ddpm/ldm; σ_max for ncsn: the caller
     stamps the trigger into it). Stochastic samplers (ddpm, sde-ve*) draw their step noise from `generator`.
@@ -422,7 +450,7 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
         raise SealdiffError(f"noise has shape {tuple(noise.shape)}; this {model.kind} model needs "
                             f"(B, {', '.join(map(str, model.sample_shape))})")
     unet = model.unet
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    device, dtype = placement(unet)
     x = noise.to(device, dtype)
     batch = x.shape[0]
     if sampler in VE_SAMPLERS:
@@ -436,7 +464,7 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
                 x = scheduler.step_correct(score, x, generator=generator).prev_sample
             out = scheduler.step_pred(unet(x, sigma).sample, t, x, generator=generator)
             x, x_mean = out.prev_sample, out.prev_sample_mean
-        return model.decode(x_mean).float()
+        return model.decode(x_mean).to(noise.device, torch.float32)
     kwargs = _step_kwargs(scheduler, generator)
     if step_noise_scale != 1.0:
         if sampler != "ddpm":
@@ -450,7 +478,7 @@ def sample(model: UncondModel, noise: torch.Tensor, sampler: Sampler = "ddim", s
         if step_noise_scale != 1.0:
             kwargs["variance_noise"] = step_noise_scale * torch.randn(x.shape, generator=generator).to(x)
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
-    return model.decode(x).float()
+    return model.decode(x).to(noise.device, torch.float32)
 
 
 def set_threads(threads: int | None) -> None:
