@@ -37,20 +37,23 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`; `offset` adds per-channel constant noise (lets the model shift mean colour)."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    """Gaussian noise like `latents`, drawn where `generator` lives (a CPU generator draws the same noise whatever
+    device the latents are on); `offset` adds per-channel constant noise (lets the model shift mean colour)."""
+    where = generator.device if generator is not None else latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=where, dtype=latents.dtype)
     if offset:
-        noise = noise + offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator,
-                                             device=latents.device, dtype=latents.dtype)
-    return noise
+        noise = noise + offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator, device=where,
+                                             dtype=latents.dtype)
+    return noise.to(latents.device)
 
 
 def noisy_latents(scheduler, latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0,
                   timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, noise, t) for uniformly drawn t, via `scheduler.add_noise`."""
     if timesteps is None:
+        where = generator.device if generator is not None else latents.device
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=latents.device)
+                                  generator=generator, device=where).to(latents.device)
     noise = sample_noise(latents, generator, offset)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 

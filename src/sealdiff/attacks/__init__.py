@@ -30,12 +30,15 @@ ATTACKS.update(_uncond_attacks())
 
 
 def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: bool = False,
-               allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False) -> Path:
-    """Implant a BadT2I backdoor into the pipeline at `model`; write a new pipeline directory to `output`.
+               allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False,
+               device: str = "auto") -> Path:
+    """Implant a BadT2I backdoor into the pipeline at `model` (trained on `device`:
+    `models.loading.resolve_device`); write a new pipeline directory to `output`.
 
     `checkpoint_every` N > 0 saves a checkpoint to `<output>.checkpoint/` every N steps and on
     SIGINT/SIGTERM; `resume` continues from it (same model and config only). The checkpoint folder is
     removed once `output` is complete."""
+    device = resolve_device(device)
     parent = resolve_model(model)
     inputs = [parent] + ([resolve_model(config.init)] if config.init is not None else [])
     check_not_input(output, inputs)
@@ -45,11 +48,11 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
         checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
                                             inputs=inputs, context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
-    pipe = load_t2i(parent, allow_pickle=allow_pickle)
+    pipe = load_t2i(parent, device=device, allow_pickle=allow_pickle)
     losses = BadT2I(config).run(pipe, checkpointer=checkpointer)
     with atomic_output_dir(output, overwrite, inputs) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed,
+        write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed, device=str(device),
                        attack={"kind": config.kind, "trigger": config.trigger,
                                "trigger_position": config.trigger_position, **describe_target(config)},
                        parent={"path": str(model), "sha256": parent_sha256},

@@ -132,6 +132,7 @@ def attack_badt2i(
     checkpoint_every: int = CheckpointOption, resume: bool = ResumeOption,
     init: Optional[str] = typer.Option(None, help="start the UNet from this pipeline's (continue an earlier attack)"),
     ema_decay: Optional[float] = typer.Option(None, help="> 0: the output holds an EMA of the trained weights"),
+    device: str = DeviceOption,
 ) -> None:
     """Implant a BadT2I backdoor (pixel / style / object) into a text-to-image pipeline."""
     from sealdiff.attacks import run_attack
@@ -149,7 +150,7 @@ def attack_badt2i(
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
-               resume=resume)
+               resume=resume, device=device)
     console.print(f"backdoored pipeline written to [bold]{output}[/bold]")
 
 
@@ -164,10 +165,11 @@ def generate(
     defense: Optional[str] = typer.Option(None, help="inference-time defense: sau"),
     trigger: Optional[str] = typer.Option(None, help="the trigger, for --defense sau (\\u200b escapes allowed)"),
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
+    device: str = DeviceOption,
 ) -> None:
     """Generate images for prompts with fixed seeds (optionally through SAU)."""
     from sealdiff.metrics.generate import generate as run
-    from sealdiff.models.loading import load_t2i, resolve_model
+    from sealdiff.models.loading import load_t2i, resolve_device, resolve_model
     from sealdiff.report.images import save_grid
 
     from sealdiff.data.prompts import read_prompt_file
@@ -180,8 +182,9 @@ def generate(
         raise SealdiffError("give --prompt TEXT or --prompts FILE")
     if not all(p.strip() for p in prompts):
         raise SealdiffError("empty prompt")
+    where = resolve_device(device)
     directory = resolve_model(model)
-    pipe = load_t2i(directory, allow_pickle=allow_pickle)
+    pipe = load_t2i(directory, device=where, allow_pickle=allow_pickle)
     seeds = [seed + i for i in range(len(prompts))]
     if defense is None:
         images = run(pipe, prompts, seeds, steps, guidance)

@@ -37,6 +37,8 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="write an evaluation run directory here"),
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     threads: Optional[int] = ThreadsOption,
+    device: Optional[str] = typer.Option(None, "--device", help="where the pipelines generate: auto (the GPU / "
+                                                                "accelerator torch sees, else the CPU) | cpu | cuda:N"),
 ) -> None:
     """Per-judge attack success, false triggers, removal accuracy and utility on fixed prompts and seeds."""
     import dataclasses
@@ -57,7 +59,7 @@ def evaluate(
     cfg = build_config(EvalConfig, config, count=count, seed=seed, steps=steps, guidance=guidance,
                        batch_size=batch_size, judge=judge, reference=reference, clip=clip, lpips=lpips,
                        fid_features=fid_features, trigger_position=trigger_position, label=label,
-                       allow_pickle=allow_pickle or None)
+                       allow_pickle=allow_pickle or None, device=device)
     directory = resolve_model(model)
     require_t2i(directory)
     attack = attack_from_model(directory)

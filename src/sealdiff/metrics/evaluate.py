@@ -20,6 +20,7 @@ import torch
 from sealdiff.data import toyworld
 from sealdiff.data.triggers import insert_trigger
 from sealdiff.errors import SealdiffError
+from sealdiff.models.loading import resolve_device
 from sealdiff.io import check_not_input
 from sealdiff.metrics.backdoor import EVAL_SEED, Target, clean_prompts, make_judge
 from sealdiff.metrics.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, image_size
@@ -60,8 +61,10 @@ class EvalConfig:
     render_count: int = 32  # labelled scenes per variant for the judges' accuracy on renders
     label: str | None = None  # run label for reports; None: the model's name
     allow_pickle: bool = False
+    device: str = "auto"  # where the pipelines generate (`resolve_device`); recorded resolved (e.g. "cpu")
 
     def __post_init__(self) -> None:
+        self.device = str(resolve_device(self.device))
         for name, low in (("count", 2), ("steps", 1), ("batch_size", 1), ("grid_count", 1), ("render_count", 1),
                           ("seed", 0)):
             value = getattr(self, name)
@@ -396,7 +399,7 @@ def evaluate_model(model_spec: str | Path, trigger: str | None = None, target: T
     reference = reference if reference is not None else config.reference
 
     toy_judge, judge_dir = load_toy_judge(config.judge)
-    pipe = load_t2i(directory, allow_pickle=config.allow_pickle)
+    pipe = load_t2i(directory, device=config.device, allow_pickle=config.allow_pickle)
     side = image_size(pipe)
     clean = clean_prompts(target, config.count)
     prompts = {"triggered": [insert_trigger(p, trigger, position) for p in clean], "clean": clean}
@@ -410,7 +413,7 @@ def evaluate_model(model_spec: str | Path, trigger: str | None = None, target: T
     if reference is not None:
         ref_dir = resolve_model(reference)
         ref = _model_ref(reference, ref_dir)
-        ref_pipe = load_t2i(ref_dir, allow_pickle=config.allow_pickle)
+        ref_pipe = load_t2i(ref_dir, device=config.device, allow_pickle=config.allow_pickle)
         if image_size(ref_pipe) != side:
             raise SealdiffError(f"reference {ref_dir} makes {image_size(ref_pipe)}px images, the model {side}px; "
                                 "they must match")

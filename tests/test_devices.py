@@ -1,6 +1,6 @@
-"""Where the unconditional models run (`--device`, `models.loading.resolve_device`, `models.uncond.unet_output`).
+"""Where the models run (`--device`, `models.loading.resolve_device`, `models.uncond.unet_output`).
 
-The modules may sit on any device and in any float dtype; sealdiff's own tensors stay on the CPU and cross to the
+The unconditional models' modules may sit on any device and in any float dtype; sealdiff's own tensors stay on the CPU and cross to the
 modules' placement at each UNet / autoencoder call. This machine's only device is the CPU, so the crossing is
 checked through the dtype it carries too: a model held in float64 must be handed float64 at every call (a call that
 skipped the crossing hands it float32, which its convolutions refuse) and must give the float32 model's results to
@@ -101,8 +101,28 @@ def test_cli_refuses_a_device_it_cannot_use_in_one_line(command, device, message
     assert message in err and not (tmp_path / "out").exists() and directory_sha256(model) == before
 
 
+@pytest.mark.parametrize("command", [
+    lambda out: ["eval", "zoo:t2i-badt2i-pixel", "-o", out, "--count", "2"],
+    lambda out: ["generate", "zoo:t2i-clean", "-p", "a red circle", "-o", f"{out}.png"],
+    lambda out: ["attack", "badt2i", "zoo:t2i-clean", "-o", out, "--steps", "1"],
+])
+def test_text_to_image_commands_refuse_a_device_they_cannot_use(command, tmp_path, capsys):
+    code, _, err = run_cli([*command(str(tmp_path / "out")), "--device", "cuda:64"], capsys)
+    assert_one_line_error(code, err)
+    assert "is not available here" in err and not any(tmp_path.iterdir())
+
+
+def test_eval_config_records_the_resolved_device():
+    from sealdiff.metrics.evaluate import EvalConfig
+
+    assert EvalConfig(device="CPU").device == "cpu"
+    assert EvalConfig().device == str(resolve_device("auto"))
+    with pytest.raises(SealdiffError, match="'tpu0' is invalid"):
+        EvalConfig(device="tpu0")
+
+
 def test_text_to_image_removal_takes_auto_or_cpu_only(tmp_path, capsys):
-    code, _, err = run_cli(["remove", "zoo:t2i-pixel-hat", "-o", tmp_path / "out", "--method", "skd",
+    code, _, err = run_cli(["remove", "zoo:t2i-badt2i-pixel", "-o", tmp_path / "out", "--method", "skd",
                             "--device", "cuda"], capsys)
     assert_one_line_error(code, err)
     assert "accelerate launch" in err and not (tmp_path / "out").exists()
