@@ -431,12 +431,15 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert any("Uncaught" in line for line in console_errors(screenshot(bad, tmp_path / "bad.png")))
 
 
-def test_report_refuses_to_mix_evaluation_runs_and_unconditional_removals(tmp_path, capsys):
-    removal, evaluation = tmp_path / "removal", tmp_path / "evaluation"
-    removal.mkdir()
-    evaluation.mkdir()
-    (removal / "sealdiff.json").write_text(json.dumps({"command": "remove", "model_kind": "ddpm"}))
-    (evaluation / "metrics.json").write_text("{}")
-    assert main(["report", str(removal), str(evaluation), "-o", str(tmp_path / "r.html")]) == 2
+@pytest.mark.parametrize("pair", [("removal", "evaluation"), ("scan", "removal"), ("scan", "evaluation")])
+def test_report_refuses_to_mix_kinds_of_output(pair, tmp_path, capsys):
+    records = {"removal": {"command": "remove", "model_kind": "ddpm"}, "scan": {"command": "scan", "model_kind": "ncsn"}}
+    for name in pair:
+        (tmp_path / name).mkdir()
+        if name == "evaluation":
+            (tmp_path / name / "metrics.json").write_text("{}")
+        else:
+            (tmp_path / name / "sealdiff.json").write_text(json.dumps(records[name]))
+    assert main(["report", *(str(tmp_path / name) for name in pair), "-o", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not both" in err and not (tmp_path / "r.html").exists()
+    assert err.count("\n") == 1 and "one kind of output per report" in err and not (tmp_path / "r.html").exists()

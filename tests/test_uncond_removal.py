@@ -163,6 +163,14 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     cfg = tmp_path / "scan.yaml"
     cfg.write_text(json.dumps(FAST["diff-cleanse"]))
     assert main(["scan", str(model), "-o", str(scan), "--method", "diff-cleanse", "--config", str(cfg)]) == 0
+    # the scan's grids (its noise with and without the inverted trigger) and its report page
+    scanned = json.loads((scan / "sealdiff.json").read_text())
+    assert scanned["grids"] == {"count": 16, "samplers": ["ddpm", "ddim"]} and scanned["result"]["backdoored"]
+    assert (scan / "grid_ddpm_inverted.png").read_bytes() != (scan / "grid_ddpm_clean.png").read_bytes()
+    assert main(["report", str(scan), "-o", str(tmp_path / "scan.html")]) == 0
+    page = (tmp_path / "scan.html").read_text()
+    assert f"<b>backdoored</b></td><td>{scanned['result']['score']:.3f}</td>" in page
+    assert page.count('alt="scan ddpm ') == 2 and page.count('alt="scan ddim ') == 2 and "scan inverted trigger" in page
     out = tmp_path / "repaired"
     rcfg = tmp_path / "remove.json"
     rcfg.write_text(json.dumps({k: v for k, v in REMOVAL["diff-cleanse-prune"].items()}))

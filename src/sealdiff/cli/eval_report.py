@@ -91,14 +91,15 @@ def evaluate(
 
 @app.command("report")
 def report(
-    runs: list[Path] = typer.Argument(..., help="evaluation run directories (from `sealdiff eval -o`), or "
-                                                "unconditional removal outputs (from `sealdiff remove -o`)"),
+    runs: list[Path] = typer.Argument(..., help="evaluation run directories (from `sealdiff eval -o`), unconditional "
+                                                "scans (`sealdiff scan -o`) or removal outputs (`sealdiff remove -o`)"),
     output: Path = typer.Option(..., "-o", "--output", help="HTML file to write"),
     title: str = typer.Option("sealdiff report", help="page title"),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """One self-contained HTML page: grids per run for the same prompts and seeds, metrics, plots, losses (for
-    unconditional removals: attack success per sampler before/after, before/after grids, inverted triggers)."""
+    unconditional scans: verdicts, scores, samples with and without the inverted trigger; for unconditional removals:
+    attack success per sampler before/after, before/after grids, inverted triggers)."""
     from sealdiff.report.html import write_report
 
     write_report(runs, output, title=title, overwrite=overwrite)

@@ -31,7 +31,7 @@ def scan(
     allow_pickle: bool = PickleOption, threads: Optional[int] = ThreadsOption, device: str = DeviceOption,
 ) -> None:
     """Scan an unconditional model: invert the trigger (never given) and decide clean / backdoored."""
-    from sealdiff.detection import get_detector, load_for_scan, write_scan
+    from sealdiff.detection import get_detector, load_for_scan, scan_grids, write_scan
     from sealdiff.io import atomic_output_dir, directory_sha256
 
     _threads(threads)
@@ -50,7 +50,7 @@ def scan(
     parent_sha256 = directory_sha256(directory)
     with atomic_output_dir(output, overwrite, inputs=[directory]) as staging:
         result = detector.scan(uncond)
-        write_scan(result, staging, model, parent_sha256, uncond.kind, uncond.device)
+        write_scan(result, staging, model, parent_sha256, uncond.kind, uncond.device, scan_grids(uncond, result))
     console.print(f"{method}: [bold]{result.verdict}[/bold] (score {result.score:.3f}, threshold {result.threshold:g}); "
                   f"inverted trigger in {output / 'trigger.safetensors'}"
                   + (f" (input {result.noise_scale:g}·ε + trigger)" if result.noise_scale != 1.0 else ""))

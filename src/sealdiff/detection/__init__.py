@@ -179,6 +179,22 @@ __all__ = ["DETECTORS", "Detector", "DetectorSpec", "Inversion", "ScanResult", "
 
 SCAN_FILE = "scan.json"
 TRIGGER_SOURCE = "sealdiff scan"  # metadata of every inverted trigger.safetensors (removal refuses others)
+SCAN_GRID_COUNT = 16  # samples per image grid of a scan
+
+
+@torch.no_grad()
+def scan_grids(model, result: ScanResult, count: int = SCAN_GRID_COUNT) -> dict[str, dict[str, torch.Tensor]]:
+    """{sampler: {"inverted": images, "clean": images}} for a scan's image grids: `count` samples per detection
+    sampler (the scan's own, or ddpm alone for a scaled input) from the scan's fixed noise stamped with the inverted
+    trigger as it was inverted (x_T = γ·noise + trigger), and from the same noise without it."""
+    from sealdiff.detection.elijah import offset_samples, trojan_samplers
+
+    cfg, gamma = result.config, result.noise_scale
+    steps = C.sample_steps(model, cfg.get("sample_steps"))
+    offsets = {"inverted": result.trigger, "clean": torch.zeros_like(result.trigger)}
+    return {sampler: {name: offset_samples(model, offset, count, sampler, steps, cfg["seed"], gamma)
+                      for name, offset in offsets.items()}
+            for sampler in trojan_samplers(model, cfg.get("samplers"), gamma)}
 
 
 def load_for_scan(spec, allow_pickle: bool = False, device: str | torch.device = "cpu"):
@@ -203,13 +219,15 @@ def load_for_scan(spec, allow_pickle: bool = False, device: str | torch.device =
 
 
 def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: str, model_kind: str,
-               device: str | torch.device = "cpu") -> None:
-    """scan.json (verdict + scores), trigger.safetensors, trigger.png and sealdiff.json into `directory`."""
+               device: str | torch.device = "cpu", grids: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """scan.json (verdict + scores), trigger.safetensors, trigger.png, the `scan_grids` as grid_SAMPLER_SET.png and
+    sealdiff.json into `directory`."""
     import json
     from pathlib import Path
 
     from sealdiff.defenses.uncond import save_trigger
     from sealdiff.io import to_jsonable, write_run_info
+    from sealdiff.report.images import save_grid, scan_grid_name
 
     directory = Path(directory)
     summary = to_jsonable(result.to_dict())
@@ -217,6 +235,10 @@ def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: st
     save_trigger(result.trigger, directory, metadata={"source": TRIGGER_SOURCE, "method": result.method,
                                                       "parent_sha256": parent_sha256,
                                                       "noise_scale": repr(float(result.noise_scale))})
+    for sampler, sets in (grids or {}).items():
+        for image_set, images in sets.items():
+            save_grid((images + 1) / 2, directory / scan_grid_name(sampler, image_set))
     write_run_info(directory, command="scan", method=result.method, config=result.config, seed=result.config["seed"],
                    model_kind=model_kind, device=str(device), parent={"path": str(model_spec), "sha256": parent_sha256},
+                   grids={"count": len(next(iter(grids.values()))["inverted"]), "samplers": list(grids)} if grids else None,
                    result={k: v for k, v in summary.items() if k not in ("config", "losses")}, losses=result.losses)

@@ -1,5 +1,6 @@
-"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`), or unconditional removal
-outputs (`sealdiff remove --method elijah|diff-cleanse|diffdefend -o DIR`).
+"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`), unconditional scans
+(`sealdiff scan -o DIR`) or unconditional removal outputs (`sealdiff remove --method elijah|diff-cleanse|diffdefend
+-o DIR`).
 
 Everything is inline: images and plots are PNG data URIs, the style sheet is embedded, there is no
 script and no external resource. The page shows the runs' image grids side by side for the same prompts
@@ -26,7 +27,7 @@ from sealdiff.errors import SealdiffError
 from sealdiff.io import read_run_info
 from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, METRICS_FILE, UTILITY_METRICS, grid_name, read_eval_run
 from sealdiff.models.uncond import ModelKind
-from sealdiff.report.images import data_uri, removal_grid_name
+from sealdiff.report.images import data_uri, removal_grid_name, scan_grid_name
 
 logger = logging.getLogger(__name__)
 
@@ -89,33 +90,41 @@ def load_run(directory: str | Path) -> Run:
 
 
 REMOVAL_SETS = {"triggered": "Triggered noise (the recorded attack's trigger)", "clean": "Clean noise"}
+SCAN_SETS = ("inverted", "clean")
 
 
 @dataclass
-class RemovalRun:
-    """One unconditional removal output as the report sees it: its sealdiff.json and image grids."""
+class UncondRun:
+    """One unconditional scan or removal output as the report sees it: its sealdiff.json and image grids."""
 
     label: str
     path: Path
     info: dict
-    grids: dict[tuple[str, str], Path] = field(default_factory=dict)  # (set, before|after) -> PNG
+    grids: dict[tuple[str, str], Path] = field(default_factory=dict)  # removal: (set, stage); scan: (sampler, set)
     losses: dict[str, list[float]] = field(default_factory=dict)
 
 
-def is_uncond_removal(directory: Path) -> bool:
+def output_kind(directory: Path) -> str:
+    """'scan' or 'remove' for an unconditional scan or removal output, 'eval' otherwise."""
     if not (directory / "sealdiff.json").is_file() or (directory / METRICS_FILE).is_file():
-        return False
+        return "eval"
     info = read_run_info(directory)
-    return info.get("command") == "remove" and info.get("model_kind") in get_args(ModelKind)
+    command = info.get("command")
+    return command if command in ("scan", "remove") and info.get("model_kind") in get_args(ModelKind) else "eval"
 
 
-def load_removal_run(directory: Path) -> RemovalRun:
+def load_uncond_run(directory: Path) -> UncondRun:
     info = read_run_info(directory)
-    grids = {(image_set, stage): directory / removal_grid_name(image_set, stage) for image_set in REMOVAL_SETS
-             for stage in ("before", "after") if (directory / removal_grid_name(image_set, stage)).is_file()}
+    if info["command"] == "scan":
+        keys = [(sampler, image_set) for sampler in (info.get("grids") or {}).get("samplers", ()) for image_set in SCAN_SETS]
+        names = {key: scan_grid_name(*key) for key in keys}
+    else:
+        names = {(image_set, stage): removal_grid_name(image_set, stage) for image_set in REMOVAL_SETS
+                 for stage in ("before", "after")}
+    grids = {key: directory / name for key, name in names.items() if (directory / name).is_file()}
     losses = find_losses(info)
-    return RemovalRun(label=str(info.get("label") or directory.name), path=directory, info=info, grids=grids,
-                      losses={"run": losses} if losses else {})
+    return UncondRun(label=str(info.get("label") or directory.name), path=directory, info=info, grids=grids,
+                     losses={"run": losses} if losses else {})
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -162,7 +171,7 @@ def utility_plot(runs: list[Run]) -> str:
     return _bars(runs, series, "Utility on clean prompts", "score", (0, 1.05))
 
 
-def loss_plot(runs: list[Run]) -> str | None:
+def loss_plot(runs: list[Run], title: str = "Training loss") -> str | None:
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -183,7 +192,7 @@ def loss_plot(runs: list[Run]) -> str | None:
     from matplotlib.ticker import MaxNLocator
 
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_title("Training loss")
+    axis.set_title(title)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     if all(v > 0 for _, values in curves for v in values):
@@ -339,7 +348,7 @@ def render_html(runs: list[Run], title: str = "sealdiff report") -> str:
     return "\n".join(parts)
 
 
-def _per_sampler(run: RemovalRun) -> dict[str, dict]:
+def _per_sampler(run: UncondRun) -> dict[str, dict]:
     measured = run.info.get("measured") or {}
     if measured.get("per_sampler"):
         return measured["per_sampler"]
@@ -347,7 +356,7 @@ def _per_sampler(run: RemovalRun) -> dict[str, dict]:
     return {sampler: measured} if measured.get("before") else {}
 
 
-def render_removal_html(runs: list[RemovalRun], title: str = "sealdiff report") -> str:
+def render_removal_html(runs: list[UncondRun], title: str = "sealdiff report") -> str:
     """The page for unconditional removal outputs: what was removed with which inverted trigger, attack success
     before/after per sampler, the before/after grids from the same noise, the inverted triggers, the losses."""
     parts = [_head(title),
@@ -403,15 +412,63 @@ def render_removal_html(runs: list[RemovalRun], title: str = "sealdiff report") 
                                  f"<figcaption>{_e(f'{r.label}: {stage} ({sampler})')}</figcaption></figure>")
         parts.append("</div>")
 
-    triggers = [(r, r.path / "inverted_trigger.png") for r in runs if (r.path / "inverted_trigger.png").is_file()]
+    parts.append(_triggers_and_losses(runs, "inverted_trigger.png", "Training loss"))
+    return "\n".join(parts)
+
+
+def _triggers_and_losses(runs: list[UncondRun], trigger_file: str, loss_title: str) -> str:
+    """The inverted trigger images, the loss curve and the page's end."""
+    parts = []
+    triggers = [(r, r.path / trigger_file) for r in runs if (r.path / trigger_file).is_file()]
     if triggers:
         parts.append("<h2>Inverted triggers</h2><div class=\"grids\">" + "".join(
             f'<figure><img alt="{_e(r.label)} inverted trigger" src="{data_uri(Image.open(path).convert("RGB"))}">'
             f"<figcaption>{_e(r.label)}</figcaption></figure>" for r, path in triggers) + "</div>")
-    losses = loss_plot(runs)
-    parts.append("<h2>Training loss</h2>" + (f'<div class="plots"><img alt="training loss" src="{losses}"></div>'
-                                             if losses else '<p class="note">No losses recorded.</p>'))
+    losses = loss_plot(runs, loss_title)
+    parts.append(f"<h2>{_e(loss_title)}</h2>" + (f'<div class="plots"><img alt="{_e(loss_title.lower())}" '
+                                                 f'src="{losses}"></div>' if losses else
+                                                 '<p class="note">No losses recorded.</p>'))
     parts.append('<p class="note">Generated by sealdiff report.</p></body></html>\n')
+    return "\n".join(parts)
+
+
+def render_scan_html(runs: list[UncondRun], title: str = "sealdiff report") -> str:
+    """The page for unconditional scans: verdicts and scores, samples from the scan's noise with and without the
+    inverted trigger per detection sampler, the inverted triggers, the inversion losses."""
+    parts = [_head(title),
+             f'<p class="sub">{len(runs)} unconditional scan{"s" if len(runs) != 1 else ""}: '
+             f'{_e(", ".join(r.label for r in runs))}</p>',
+             "<h2>Verdicts</h2><table><tr><th class=l>run</th><th class=l>model</th><th class=l>sha256</th>"
+             "<th class=l>kind</th><th class=l>method</th><th class=l>verdict</th><th>score</th><th>threshold</th>"
+             "<th class=l>input x_T</th><th>seconds</th></tr>"]
+    for r in runs:
+        result, parent = r.info.get("result") or {}, r.info.get("parent") or {}
+        gamma = result.get("noise_scale", 1.0)
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(parent.get('path', '?'))}</code></td>"
+                     f"<td class=l><code>{_e(str(parent.get('sha256', '?'))[:12])}</code></td>"
+                     f"<td class=l>{_e(r.info['model_kind'])}</td><td class=l>{_e(result.get('method'))}</td>"
+                     f"<td class=l><b>{_e(result.get('verdict'))}</b></td><td>{result.get('score', 0):.3f}</td>"
+                     f"<td>{result.get('threshold', 0):g}</td><td class=l>{'' if gamma == 1 else f'{gamma:g}·'}ε + τ</td>"
+                     f"<td>{result.get('seconds', 0):.0f}</td></tr>")
+    parts.append("</table><p class=\"note\">τ: the trigger the scan inverted; it was never given the true one.</p>")
+    parts.append("<h2>Scores</h2>")
+    for r in runs:
+        scores = (r.info.get("result") or {}).get("scores") or {}
+        rows = "".join(f"<tr><td class=l>{_e(name)}</td><td>{value:.4g}</td></tr>" for name, value in sorted(scores.items()))
+        parts.append(f"<details><summary>{_e(r.label)}: {len(scores)} statistics</summary><table>{rows}</table>"
+                     "</details>")
+    with_grids = [r for r in runs if r.grids]
+    if with_grids:
+        parts.append("<h2>Samples with and without the inverted trigger</h2><div class=\"grids\">")
+        for r in with_grids:
+            for (sampler, image_set), path in r.grids.items():
+                caption = f"{r.label}: {'noise + inverted trigger' if image_set == 'inverted' else 'noise'} ({sampler})"
+                parts.append(f'<figure><img alt="{_e(r.label)} {sampler} {image_set}" '
+                             f'src="{data_uri(Image.open(path).convert("RGB"))}"><figcaption>{_e(caption)}'
+                             "</figcaption></figure>")
+        parts.append("</div><p class=\"note\">The same noise in both grids of a sampler; a backdoored model's samples "
+                     "collapse onto one image when the inverted trigger is added.</p>")
+    parts.append(_triggers_and_losses(runs, "trigger.png", "Inversion loss"))
     return "\n".join(parts)
 
 
@@ -432,16 +489,18 @@ def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "s
     output = Path(output)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    removals = [is_uncond_removal(Path(d)) for d in run_dirs]
-    if any(removals) and not all(removals):
-        raise SealdiffError("give either evaluation runs (`sealdiff eval -o`) or unconditional removal outputs "
-                            "(`sealdiff remove -o`), not both")
-    runs = [load_removal_run(Path(d)) for d in run_dirs] if all(removals) else [load_run(d) for d in run_dirs]
+    kinds = {output_kind(Path(d)) for d in run_dirs}
+    if len(kinds) > 1:
+        raise SealdiffError("give one kind of output per report: evaluation runs (`sealdiff eval -o`), unconditional "
+                            "scans (`sealdiff scan -o`) or unconditional removal outputs (`sealdiff remove -o`)")
+    kind = kinds.pop()
+    runs = [load_run(d) for d in run_dirs] if kind == "eval" else [load_uncond_run(Path(d)) for d in run_dirs]
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):  # disambiguate repeated labels
         if labels.count(r.label) > 1:
             r.label = f"{r.label} ({r.path.name})" if r.path.name != r.label else f"{r.label} #{i + 1}"
-    page = render_removal_html(runs, title) if all(removals) else render_html(runs, title)
+    render = {"eval": render_html, "scan": render_scan_html, "remove": render_removal_html}[kind]
+    page = render(runs, title)
     output.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.",
                                          suffix=".partial", delete=False)

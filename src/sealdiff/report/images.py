@@ -35,6 +35,11 @@ def removal_grid_name(image_set: str, stage: str) -> str:
     return f"grid_{image_set}_{stage}.png"
 
 
+def scan_grid_name(sampler: str, image_set: str) -> str:
+    """File name of a scan's image grid (`image_set` inverted | clean) for one detection sampler."""
+    return f"grid_{sampler}_{image_set}.png"
+
+
 def data_uri(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
