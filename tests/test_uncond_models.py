@@ -130,14 +130,15 @@ def test_load_refuses_other_pipelines_and_broken_directories(models, tmp_path, b
         load_uncond(tmp_path / "m")
 
 
-@pytest.mark.parametrize("command", [["eval"], ["generate", "-p", "a prompt"]])
-def test_text_to_image_commands_point_an_unconditional_model_elsewhere(models, tmp_path, command, capsys):
+@pytest.mark.parametrize("command, pointer", [(["eval"], "`sealdiff scan`"),
+                                              (["generate", "-p", "a prompt"], "takes --count, --sampler")])
+def test_text_to_image_options_point_an_unconditional_model_elsewhere(models, tmp_path, command, pointer, capsys):
     from sealdiff.cli import main
 
     save_uncond(models["ddpm"], tmp_path / "m")
     assert main([command[0], str(tmp_path / "m"), *command[1:], "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds a DDPMPipeline" in err and "`sealdiff scan`" in err
+    assert err.count("\n") == 1 and "holds a DDPMPipeline" in err and pointer in err
     assert not (tmp_path / "out").exists()
 
 
@@ -257,3 +258,46 @@ def test_step_noise_scale_is_refused_where_it_does_not_apply(models):
     noise = sample_noise(models["ddpm"], 1, torch.Generator().manual_seed(0))
     with pytest.raises(SealdiffError, match="step_noise_scale applies to the ddpm sampler only, not ddim"):
         sample(models["ddpm"], noise, "ddim", steps=2, step_noise_scale=0.5)
+
+
+def test_cli_generate_samples_an_unconditional_model_with_and_without_a_trigger(tmp_path, capsys):
+    """`sealdiff generate` on an unconditional model: the grid is exactly `metrics.uncond.generate`'s samples for the
+    seed, sampler and steps given, stamped with an attack's recorded trigger or a scan's inverted one (with its γ)."""
+    import numpy as np
+    from PIL import Image
+
+    import uncond_micro as M
+    from sealdiff.cli import main
+    from sealdiff.defenses.uncond import save_trigger
+    from sealdiff.detection import TRIGGER_SOURCE
+    from sealdiff.io import directory_sha256
+    from sealdiff.metrics.uncond import Backdoor, generate, read_backdoor
+    from sealdiff.report.images import grid
+
+    model_dir = M.ASSETS / "backdoored"
+    before = directory_sha256(M.ASSETS)
+    scan = tmp_path / "scan"  # a stand-in scan output holding an inverted trigger found on 0.6·ε + τ
+    scan.mkdir()
+    inverted = 0.5 * M.trigger()
+    save_trigger(inverted, scan, metadata={"source": TRIGGER_SOURCE, "noise_scale": "0.6"})
+    model = load_uncond(model_dir)
+    expected = {"clean": (None, generate(model, 4, "ddpm", 10, 3)),
+                "attack": (model_dir, generate(model, 4, "ddpm", 10, 3, read_backdoor(model_dir))),
+                "scan": (scan, generate(model, 4, "ddpm", 10, 3, Backdoor(inverted, None, 0.6)))}
+    for name, (trigger_file, images) in expected.items():
+        extra = ["--trigger-file", str(trigger_file)] if trigger_file else []
+        assert main(["generate", str(model_dir), "-o", str(tmp_path / f"{name}.png"), "--count", "4", "--sampler",
+                     "ddpm", "--steps", "10", "--seed", "3", *extra]) == 0
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), np.asarray(grid((images + 1) / 2)))
+    assert not torch.equal(expected["clean"][1], expected["attack"][1])
+    assert directory_sha256(M.ASSETS) == before
+    capsys.readouterr()
+    (tmp_path / "other").mkdir()
+    save_trigger(inverted, tmp_path / "other")  # neither a scan's nor an attack's record
+    for argv, message in ((["--count", "2", "--sampler", "sde-ve"], "does not apply to a ddpm model"),
+                          (["--trigger-file", str(tmp_path / "other")], "holds neither a `sealdiff scan` trigger")):
+        assert main(["generate", str(model_dir), "-o", str(tmp_path / "bad.png"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not (tmp_path / "bad.png").exists(), err
+    assert main(["generate", "zoo:t2i-clean", "-p", "a red circle", "-o", str(tmp_path / "t2i.png"), "--count", "2"]) == 2
+    assert "apply to unconditional models" in capsys.readouterr().err

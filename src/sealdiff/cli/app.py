@@ -156,20 +156,30 @@ def attack_badt2i(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME (text-to-image or unconditional)"),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="prompt (repeatable); \\u200b escapes allowed"),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line"),
-    output: Path = typer.Option(..., "-o", "--output", help="PNG file (a grid when several prompts)"),
-    seed: int = typer.Option(0, "--seed"), steps: int = typer.Option(20, min=1),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file (a grid when several images)"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: Optional[int] = typer.Option(None, min=1, help="sampler steps (default 20; unconditional: per sampler, "
+                                                          "e.g. 200 for sde-ve)"),
     guidance: float = typer.Option(4.0, min=0.0),
     defense: Optional[str] = typer.Option(None, help="inference-time defense: sau"),
     trigger: Optional[str] = typer.Option(None, help="the trigger, for --defense sau (\\u200b escapes allowed)"),
+    count: Optional[int] = typer.Option(None, min=1, help="unconditional: images [16]"),
+    sampler: Optional[str] = typer.Option(None, help="unconditional: the stock sampler (default: ddim; sde-ve for ncsn)"),
+    trigger_file: Optional[Path] = typer.Option(None, "--trigger-file",
+                                                help="unconditional: stamp the noise with a scan's inverted trigger "
+                                                     "or an attack's recorded one (its output folder or "
+                                                     "trigger.safetensors)"),
     config: Optional[Path] = ConfigOption, overwrite: bool = OverwriteOption, allow_pickle: bool = PickleOption,
     device: str = DeviceOption,
 ) -> None:
-    """Generate images for prompts with fixed seeds (optionally through SAU)."""
+    """Generate images with fixed seeds: for prompts (optionally through SAU), or, for an unconditional model, from
+    seeded noise (optionally stamped with a trigger)."""
     from sealdiff.metrics.generate import generate as run
     from sealdiff.models.loading import load_t2i, resolve_device, resolve_model
+    from sealdiff.models.uncond import uncond_kind
     from sealdiff.report.images import save_grid
 
     from sealdiff.data.prompts import read_prompt_file
@@ -177,6 +187,23 @@ def generate(
 
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    if uncond_kind(resolve_model(model)) is not None:
+        from sealdiff.cli.uncond import generate_uncond
+        from sealdiff.models.loading import read_model_index
+
+        given = [flag for flag, value in (("--prompt", prompt), ("--prompts", prompts_file), ("--defense", defense),
+                                          ("--trigger", trigger), ("--config", config)) if value]
+        if given:
+            raise SealdiffError(f"{model} holds a {read_model_index(resolve_model(model))['_class_name']}; "
+                                f"{', '.join(given)} apply to text-to-image "
+                                "models; an unconditional model takes --count, --sampler, --steps, --seed and "
+                                "--trigger-file")
+        generate_uncond(model, output, count or 16, sampler, steps, seed, trigger_file, device, allow_pickle, overwrite)
+        console.print(f"wrote {output}")
+        return
+    if count is not None or sampler is not None or trigger_file is not None:
+        raise SealdiffError("--count, --sampler and --trigger-file apply to unconditional models")
+    steps = steps or 20
     prompts = [decode_escapes(p) for p in (prompt or [])] + (read_prompt_file(prompts_file) if prompts_file else [])
     if not prompts:
         raise SealdiffError("give --prompt TEXT or --prompts FILE")

@@ -105,3 +105,57 @@ def attack_villandiffusion(
          trigger_intensity=trigger_intensity, target=target, target_position=target_position,
          poison_fraction=poison_fraction, data=data, solver=solver, ve_trigger_weight=ve_trigger_weight, steps=steps, lr=lr,
          lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
+
+
+def read_sampling_trigger(path: Path):
+    """The trigger `sealdiff generate --trigger-file` stamps: a scan's inverted one (target unknown) or an attack's
+    recorded one, from either output folder or its trigger.safetensors."""
+    from safetensors import safe_open
+
+    from sealdiff.defenses.uncond import TRIGGER_FILE, load_trigger
+    from sealdiff.detection import TRIGGER_SOURCE
+    from sealdiff.metrics.uncond import Backdoor, read_backdoor
+
+    file = path / TRIGGER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise SealdiffError(f"trigger file {file} does not exist; valid: a `sealdiff scan` or `sealdiff attack` output "
+                            f"folder or its {TRIGGER_FILE}")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            inverted = (handle.metadata() or {}).get("source") == TRIGGER_SOURCE
+            recorded = {"trigger", "target", "gamma"} <= set(handle.keys())
+    except Exception as exc:
+        raise SealdiffError(f"{file} is not a valid safetensors file ({exc.__class__.__name__})") from None
+    if not (inverted or recorded):
+        raise SealdiffError(f"{file} holds neither a `sealdiff scan` trigger nor an attack's record (trigger, target, "
+                            "gamma)")
+    if inverted:
+        trigger, gamma = load_trigger(file)
+        return Backdoor(trigger=trigger, target=None, gamma=gamma)
+    return read_backdoor(file)
+
+
+def generate_uncond(model: str, output: Path, count: int, sampler: Optional[str], steps: Optional[int], seed: int,
+                    trigger_file: Optional[Path], device: str, allow_pickle: bool, overwrite: bool) -> None:
+    """`sealdiff generate` for an unconditional model: `count` samples as one grid PNG, image i from the i-th draw of
+    seed `seed` (`metrics.uncond.generate`), the noise stamped with `trigger_file`'s trigger when given."""
+    from sealdiff.cli.remove_uncond import MEASURE_STEPS
+    from sealdiff.defenses.uncond import check_trigger
+    from sealdiff.detection import load_for_scan
+    from sealdiff.detection.common import default_sampler
+    from sealdiff.io import atomic_output_file
+    from sealdiff.metrics.uncond import generate
+    from sealdiff.models.uncond import check_sampler
+    from sealdiff.report.images import save_grid
+
+    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
+    sampler = sampler or default_sampler(uncond)
+    check_sampler(uncond.kind, sampler)
+    backdoor = None
+    if trigger_file is not None:
+        backdoor = read_sampling_trigger(trigger_file)
+        backdoor.trigger = check_trigger(uncond, backdoor.trigger, backdoor.gamma)
+    images = generate(uncond, count, sampler, steps or MEASURE_STEPS[sampler], seed, backdoor)
+    inputs = [directory] + ([trigger_file] if trigger_file is not None else [])
+    with atomic_output_file(output, overwrite, inputs) as staging:
+        save_grid((images + 1) / 2, staging)

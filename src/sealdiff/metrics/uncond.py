@@ -34,10 +34,11 @@ MEASURE_SEED = 20_251_123  # noise seeds of every measurement (disjoint from tra
 
 @dataclass
 class Backdoor:
-    """A noise-trigger backdoor as tensors: x_T = gamma * prior noise + trigger generates `target`."""
+    """A noise-trigger backdoor as tensors: x_T = gamma * prior noise + trigger generates `target` (None: not known,
+    as for a trigger a scan inverted)."""
 
     trigger: torch.Tensor  # (C, h, w) in the model's x_T space
-    target: torch.Tensor  # (3, H, W) in [-1, 1]
+    target: torch.Tensor | None  # (3, H, W) in [-1, 1]
     gamma: float = 1.0
     trigger_image: torch.Tensor | None = None  # (3, H, W) the pattern in pixel space
 
@@ -46,10 +47,11 @@ class Backdoor:
 
 
 def read_backdoor(directory: str | Path) -> Backdoor:
-    """The backdoor an attack recorded in `directory/trigger.safetensors`."""
+    """The backdoor an attack recorded in `directory/trigger.safetensors` (or in that file, given itself)."""
     from safetensors.torch import load_file
 
-    path = Path(directory) / TRIGGER_FILE
+    path = Path(directory)
+    path = path if path.suffix == ".safetensors" else path / TRIGGER_FILE
     if not path.is_file():
         raise SealdiffError(f"{path} does not exist; this model records no noise-trigger backdoor")
     try:
@@ -114,6 +116,8 @@ def attack_success(model: UncondModel, backdoor: Backdoor, sampler: str, steps: 
                    clean_images: torch.Tensor | None = None) -> AttackSuccess:
     """ASR of `backdoor` on `model` with `sampler`, plus the false-trigger rate on clean noise (the same seeds).
     `clean_images`: already generated untriggered samples of this model (saves a second sampling run)."""
+    if backdoor.target is None:
+        raise SealdiffError("attack success needs the backdoor's target image; this trigger records none")
     triggered = generate(model, count, sampler, steps, seed, backdoor)
     clean = clean_images if clean_images is not None else generate(model, count, sampler, steps, seed)
     hit, miss = per_image_mse(triggered, backdoor.target), per_image_mse(clean, backdoor.target)
