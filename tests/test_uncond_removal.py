@@ -200,6 +200,15 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     before_pct = f"{info['measured']['before']['attack_success']:.1%}"
     after_pct = f"{info['measured']['after']['attack_success']:.1%}"
     assert f"<td>{before_pct}</td><td>{after_pct}</td>" in html and "diff-cleanse-prune" in html
+    # the clean samples after removal against the parent's, from the same noise, as recorded and shown
+    from sealdiff.cli.remove_uncond import MEASURE_STEPS
+    from sealdiff.metrics.uncond import agreement, generate
+
+    close = info["measured"]["clean_closeness"]["ddpm"]
+    steps = MEASURE_STEPS["ddpm"]
+    expected = agreement(generate(repaired, 16, "ddpm", steps), generate(load_uncond(model), 16, "ddpm", steps))
+    assert close == pytest.approx({"mse": expected.mse, "ssim": expected.ssim, "count": 16}, rel=1e-5)
+    assert 0 < close["ssim"] < 1 and f"<td>{close['ssim']:.3f}</td><td>{close['mse']:.4f}</td>" in html
     assert html.count('<img alt="repaired triggered') == 2 and 'alt="repaired inverted trigger"' in html
     assert "src=\"http" not in html  # self-contained
 

@@ -51,17 +51,35 @@ def measured_samplers(model, directory: Path, sampler: str | None) -> tuple[str,
     return (target,) if sampler is None else (target, *(s for s in model.samplers if s != target))
 
 
-def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int) -> dict | None:
+def clean_samples(model, samplers: tuple[str, ...], count: int) -> dict:
+    """{sampler: `count` samples from the measurement's clean noise} (the same noise before and after a removal)."""
+    from sealdiff.metrics import uncond as metrics
+
+    return {s: metrics.generate(model, count, s, MEASURE_STEPS.get(s, 20)) for s in samplers}
+
+
+def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int, clean: dict | None = None
+                   ) -> dict | None:
     """Attack success per sampler of the backdoor the model directory records (its attack's trigger.safetensors) —
-    the true trigger is used here only to *measure*; None when the model records no attack or `count` is 0."""
+    the true trigger is used here only to *measure*; None when the model records no attack or `count` is 0.
+    `clean`: this model's `clean_samples` for the false-trigger rate, when already drawn."""
     from sealdiff.io import to_jsonable
     from sealdiff.metrics import uncond as metrics
 
     if not count or not (directory / metrics.TRIGGER_FILE).is_file():
         return None
     backdoor = metrics.read_backdoor(directory)
-    return {s: to_jsonable(metrics.attack_success(model, backdoor, s, MEASURE_STEPS.get(s, 20), count))
+    return {s: to_jsonable(metrics.attack_success(model, backdoor, s, MEASURE_STEPS.get(s, 20), count,
+                                                  clean_images=(clean or {}).get(s)))
             for s in samplers}
+
+
+def clean_closeness(before: dict, after: dict) -> dict:
+    """{sampler: MSE and SSIM between the clean samples after and before a removal (the same noise)}."""
+    from sealdiff.io import to_jsonable
+    from sealdiff.metrics.uncond import agreement
+
+    return {s: to_jsonable(agreement(after[s], before[s])) for s in before}
 
 
 def sample_grids(model, directory: Path, sampler: str) -> dict[str, Any]:
@@ -122,13 +140,16 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
                            detector_name, scan.score, scan.threshold)
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
-    before = measure_attack(uncond, directory, samplers, measure)
+    clean_before = clean_samples(uncond, samplers, measure) if measure else {}
+    before = measure_attack(uncond, directory, samplers, measure, clean_before)
     grids = {"before": sample_grids(uncond, directory, samplers[0])} if measure else {}
     result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
-    after = measure_attack(uncond, directory, samplers, measure)
+    clean_after = clean_samples(uncond, samplers, measure) if measure else {}
+    after = measure_attack(uncond, directory, samplers, measure, clean_after)
     if measure:
         grids["after"] = sample_grids(uncond, directory, samplers[0])
-    measured: dict[str, Any] = {"before": None, "after": None, "count": measure}
+    measured: dict[str, Any] = {"before": None, "after": None, "count": measure,
+                                "clean_closeness": clean_closeness(clean_before, clean_after) if measure else None}
     if before and after:
         measured |= {"before": before[samplers[0]], "after": after[samplers[0]]}
         if len(samplers) > 1:
@@ -160,5 +181,8 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
             for s in samplers:
                 console.print(f"attack success {before[s]['attack_success']:.1%} -> {after[s]['attack_success']:.1%} "
                               f"({measure} triggered samples, {s})")
+        for s, close in (measured["clean_closeness"] or {}).items():
+            console.print(f"clean samples vs before removal: SSIM {close['ssim']:.3f}, MSE {close['mse']:.4f} "
+                          f"({measure} samples from the same noise, {s})")
         console.print(f"repaired model written to [bold]{output}[/bold]")
     return info

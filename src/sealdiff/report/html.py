@@ -380,23 +380,28 @@ def render_removal_html(runs: list[UncondRun], title: str = "sealdiff report") -
                      f"<td>{'—' if seconds is None else f'{seconds:.0f}'}</td></tr>")
     parts.append("</table>")
 
-    parts.append("<h2>Attack success</h2><table><tr><th class=l>run</th><th class=l>sampler</th><th>before</th>"
-                 "<th>after</th><th>false trigger after</th><th>samples</th></tr>")
+    parts.append("<h2>Before and after</h2><table><tr><th class=l>run</th><th class=l>sampler</th>"
+                 "<th>attack success before</th><th>after</th><th>false trigger after</th>"
+                 "<th>clean SSIM to before ↑</th><th>clean MSE to before ↓</th><th>samples</th></tr>")
     unmeasured = []
     for r in runs:
-        rows = _per_sampler(r)
-        if not rows:
+        attack = _per_sampler(r)
+        closeness = (r.info.get("measured") or {}).get("clean_closeness") or {}
+        if not attack and not closeness:
             unmeasured.append(r.label)
-        for sampler, row in rows.items():
+        for sampler in dict.fromkeys([*attack, *closeness]):
+            row, close = attack.get(sampler), closeness.get(sampler)
+            cells = [_pct(row["before"]["attack_success"]), _pct(row["after"]["attack_success"]),
+                     _pct(row["after"]["false_trigger_rate"])] if row else ["—"] * 3
+            cells += [f"{close['ssim']:.3f}", f"{close['mse']:.4f}"] if close else ["—"] * 2
             parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l>{_e(sampler)}</td>"
-                         f"<td>{_pct(row['before']['attack_success'])}</td><td>{_pct(row['after']['attack_success'])}</td>"
-                         f"<td>{_pct(row['after']['false_trigger_rate'])}</td><td>{r.info['measured']['count']}</td></tr>")
+                         + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{r.info['measured']['count']}</td></tr>")
     parts.append("</table><p class=\"note\">Attack success: share of samples from noise stamped with the recorded "
                  "attack's true trigger (read only to measure) within the MSE threshold of its target; false trigger: "
-                 "the same on clean noise.</p>")
+                 "the same on clean noise (— where the model records no attack). Clean SSIM / MSE: the repaired "
+                 "model's samples against the model's own before removal, from the same clean noise.</p>")
     if unmeasured:
-        parts.append(f'<p class="warn">Not measured (the model records no attack, or --measure 0): '
-                     f'{_e(", ".join(unmeasured))}</p>')
+        parts.append(f'<p class="warn">Not measured (--measure 0): {_e(", ".join(unmeasured))}</p>')
 
     for image_set, set_title in REMOVAL_SETS.items():
         with_set = [r for r in runs if (image_set, "after") in r.grids]
