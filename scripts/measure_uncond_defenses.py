@@ -48,6 +48,7 @@ parser.add_argument("--samplers", choices=("all", "families"), default="all",
                     help="removal is measured on every sampler of the model type (all) or on one per family")
 parser.add_argument("--out", default="benchmarks/results/uncond_defenses.json")
 parser.add_argument("--threads", type=int, default=1)
+parser.add_argument("--device", default="cpu", help="where the models run: cpu (the recorded numbers) | auto | cuda:N")
 parser.add_argument("--set", nargs="*", default=[], metavar="NAME.FIELD=VALUE",
                     help="override a field of a detector's or a removal's config (NAME: a detector or a defense "
                          "registry name; VALUE read as JSON, else as a string), e.g. diff-cleanse.init=ratio "
@@ -85,7 +86,7 @@ reference = uncond_toy.toy_images(1024, REFERENCE_SEED)
 
 models, labels, backdoors, attacks = {}, {}, {}, {}
 for name in names:
-    model, directory = load_for_scan(f"zoo:{name}")
+    model, directory = load_for_scan(f"zoo:{name}", device=args.device)
     models[name] = model
     labels[name] = int((directory / metrics.TRIGGER_FILE).is_file())
     if labels[name]:
@@ -107,7 +108,8 @@ def asr(model, name: str, sampler: str, scan=None, clean_images=None) -> metrics
 
 
 result = {"config": {"count": args.count, "steps": MEASURE_STEPS, "noise_seed": metrics.MEASURE_SEED,
-                     "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads, "halves": halves,
+                     "asr_mse_threshold": metrics.ASR_MSE_THRESHOLD, "threads": args.threads, "device": args.device,
+                     "halves": halves,
                      "removal_samplers": args.samplers,
                      "bars": BARS, "detector_defaults": {d: "defaults of sealdiff.detection.<method> (seed 0)"
                                                         for d in args.detectors},

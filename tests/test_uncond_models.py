@@ -152,6 +152,20 @@ def test_load_refuses_a_class_conditional_unet(models, tmp_path):
         load_uncond(tmp_path / "m")
 
 
+@pytest.mark.parametrize("size", [None, [16, 8], 0])
+def test_load_refuses_a_unet_without_one_square_sample_size(models, tmp_path, size):
+    save_uncond(models["ddpm"], tmp_path / "m")
+    config_file = tmp_path / "m" / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["sample_size"] = size
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SealdiffError, match="sample_size is .*; .*valid: a positive integer"):
+        load_uncond(tmp_path / "m")
+    config["sample_size"] = [16, 16]  # a pair of equal sides loads
+    config_file.write_text(json.dumps(config))
+    assert load_uncond(tmp_path / "m").sample_shape == (3, 16, 16)
+
+
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_load_refuses_a_vp_model_that_does_not_predict_noise(models, tmp_path, prediction, capsys):
     """Our own losses read the UNet's output as ε: a v- or x0-prediction DDPM is refused, not silently misread."""

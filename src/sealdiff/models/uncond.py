@@ -344,6 +344,11 @@ def load_uncond(path: str | Path, allow_pickle: bool = False) -> UncondModel:
     if unet.config.in_channels != channels or unet.config.out_channels != channels:
         raise SealdiffError(f"{directory}: the UNet maps {unet.config.in_channels} to {unet.config.out_channels} "
                             f"channels, but this {cls_name} needs {channels} -> {channels}")
+    size = unet.config.get("sample_size")
+    sides = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+    if not sides or len(sides) > 2 or len(set(sides)) != 1 or not all(isinstance(s, int) and s > 0 for s in sides):
+        raise SealdiffError(f"{directory}: the UNet's sample_size is {size!r}; sealdiff samples square inputs of a "
+                            "known size; valid: a positive integer (or two equal ones)")
     conditioning = ", ".join(f"{k} {unet.config.get(k)}" for k in ("class_embed_type", "num_class_embeds")
                              if unet.config.get(k) is not None)
     if conditioning:
