@@ -187,17 +187,17 @@ def generate(
 
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    if uncond_kind(resolve_model(model)) is not None:
+    directory = resolve_model(model)
+    if uncond_kind(directory) is not None:
         from sealdiff.cli.uncond import generate_uncond
         from sealdiff.models.loading import read_model_index
 
         given = [flag for flag, value in (("--prompt", prompt), ("--prompts", prompts_file), ("--defense", defense),
                                           ("--trigger", trigger), ("--config", config)) if value]
         if given:
-            raise SealdiffError(f"{model} holds a {read_model_index(resolve_model(model))['_class_name']}; "
-                                f"{', '.join(given)} apply to text-to-image "
-                                "models; an unconditional model takes --count, --sampler, --steps, --seed and "
-                                "--trigger-file")
+            raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; "
+                                f"{', '.join(given)} apply to text-to-image models; an unconditional model takes "
+                                "--count, --sampler, --steps, --seed and --trigger-file")
         generate_uncond(model, output, count or 16, sampler, steps, seed, trigger_file, device, allow_pickle, overwrite)
         console.print(f"wrote {output}")
         return
@@ -209,9 +209,7 @@ def generate(
         raise SealdiffError("give --prompt TEXT or --prompts FILE")
     if not all(p.strip() for p in prompts):
         raise SealdiffError("empty prompt")
-    where = resolve_device(device)
-    directory = resolve_model(model)
-    pipe = load_t2i(directory, device=where, allow_pickle=allow_pickle)
+    pipe = load_t2i(directory, device=resolve_device(device), allow_pickle=allow_pickle)
     seeds = [seed + i for i in range(len(prompts))]
     if defense is None:
         images = run(pipe, prompts, seeds, steps, guidance)
