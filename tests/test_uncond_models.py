@@ -130,13 +130,15 @@ def test_load_refuses_other_pipelines_and_broken_directories(models, tmp_path, b
         load_uncond(tmp_path / "m")
 
 
-@pytest.mark.parametrize("command, pointer", [(["eval"], "`sealdiff scan`"),
-                                              (["generate", "-p", "a prompt"], "takes --count, --sampler")])
+@pytest.mark.parametrize("command, pointer", [(["eval", "--judge", "j"], "takes --count, --sampler"),
+                                              (["generate", "-p", "a prompt"], "takes --count, --sampler"),
+                                              (["attack", "badt2i"], "`sealdiff scan`")])
 def test_text_to_image_options_point_an_unconditional_model_elsewhere(models, tmp_path, command, pointer, capsys):
     from sealdiff.cli import main
 
     save_uncond(models["ddpm"], tmp_path / "m")
-    assert main([command[0], str(tmp_path / "m"), *command[1:], "-o", str(tmp_path / "out")]) == 2
+    args = command[:2] if command[0] == "attack" else command[:1]
+    assert main([*args, str(tmp_path / "m"), *command[len(args):], "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds a DDPMPipeline" in err and pointer in err
     assert not (tmp_path / "out").exists()
@@ -315,3 +317,60 @@ def test_cli_generate_samples_an_unconditional_model_with_and_without_a_trigger(
         assert err.count("\n") == 1 and message in err and not (tmp_path / "bad.png").exists(), err
     assert main(["generate", "zoo:t2i-clean", "-p", "a red circle", "-o", str(tmp_path / "t2i.png"), "--count", "2"]) == 2
     assert "apply to unconditional models" in capsys.readouterr().err
+
+
+def test_cli_eval_measures_an_unconditional_model_against_its_trigger_and_a_reference(tmp_path, capsys):
+    """`sealdiff eval` on an unconditional model: per sampler, the recorded attack's success, the collapse of the
+    triggered samples and the closeness to a reference model, each equal to the metrics recomputed from the same
+    noise; an inverted trigger (target unknown) gives the collapse only; the report page shows the numbers."""
+    import uncond_micro as M
+    from sealdiff.cli import main
+    from sealdiff.defenses.uncond import save_trigger
+    from sealdiff.detection import TRIGGER_SOURCE
+    from sealdiff.detection.common import uniformity
+    from sealdiff.io import directory_sha256
+    from sealdiff.metrics import uncond as metrics
+
+    backdoored, clean = M.ASSETS / "backdoored", M.ASSETS / "clean"
+    before = directory_sha256(M.ASSETS)
+    out = tmp_path / "eval"
+    assert main(["eval", str(backdoored), "-o", str(out), "--reference", str(clean), "--count", "8", "--sampler",
+                 "all", "--steps", "5"]) == 0
+    info = json.loads((out / "sealdiff.json").read_text())
+    assert info["command"] == "eval" and list(info["per_sampler"]) == ["ddpm", *(s for s in SAMPLERS["ddpm"] if s != "ddpm")]
+    model, reference, backdoor = load_uncond(backdoored), load_uncond(clean), metrics.read_backdoor(backdoored)
+    for sampler in ("ddpm", "heun"):
+        row = info["per_sampler"][sampler]
+        images = {"clean": metrics.generate(model, 8, sampler, 5), "triggered": metrics.generate(model, 8, sampler, 5,
+                                                                                                 backdoor=backdoor)}
+        attack = metrics.attack_success(model, backdoor, sampler, 5, 8)
+        assert row["attack"]["attack_success"] == attack.attack_success
+        assert row["attack"]["false_trigger_rate"] == attack.false_trigger_rate
+        assert row["collapse"] == pytest.approx(1 - uniformity(images["triggered"]) / uniformity(images["clean"]))
+        close = metrics.agreement(images["clean"], metrics.generate(reference, 8, sampler, 5))
+        assert row["reference"] == pytest.approx({"mse": close.mse, "ssim": close.ssim, "count": 8})
+    assert info["per_sampler"]["ddpm"]["attack"]["attack_success"] >= 0.75  # the micro backdoor fires under ddpm
+    assert (out / "grid_heun_reference.png").is_file() and info["grids"]["sets"] == ["clean", "triggered", "reference"]
+    assert main(["report", str(out), "-o", str(tmp_path / "eval.html")]) == 0
+    page = (tmp_path / "eval.html").read_text()
+    ddpm = info["per_sampler"]["ddpm"]
+    assert f"<td class=l>ddpm</td><td>{ddpm['attack']['attack_success']:.1%}</td>" in page
+    assert f"<td>{ddpm['collapse']:.3f}</td><td>{ddpm['reference']['ssim']:.3f}</td>" in page
+    assert page.count("<figure>") == 3 * len(SAMPLERS["ddpm"])
+
+    scan = tmp_path / "scan"  # an inverted trigger: its target is unknown, so collapse only
+    scan.mkdir()
+    save_trigger(M.trigger(), scan, metadata={"source": TRIGGER_SOURCE})
+    assert main(["eval", str(backdoored), "-o", str(tmp_path / "eval2"), "--trigger-file", str(scan), "--count", "4",
+                 "--steps", "5"]) == 0
+    row = json.loads((tmp_path / "eval2" / "sealdiff.json").read_text())["per_sampler"]["ddpm"]
+    assert row["attack"] is None and row["collapse"] > 0.5 and row["reference"] is None
+    assert directory_sha256(M.ASSETS) == before
+
+    capsys.readouterr()
+    ncsn = tmp_path / "ncsn"
+    save_uncond(tiny_uncond("ncsn", channels=(8, 16)), ncsn)
+    for argv, message in ((["--reference", str(ncsn)], "they must match"), (["--count", "2"], "count 2 is invalid")):
+        assert main(["eval", str(backdoored), "-o", str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not (tmp_path / "bad").exists(), err

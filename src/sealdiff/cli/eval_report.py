@@ -19,13 +19,13 @@ def _fmt(metric) -> str:
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME"),
+    model: str = typer.Argument(..., help="pipeline directory or zoo:NAME (text-to-image or unconditional)"),
     trigger: Optional[str] = typer.Option(None, help="trigger (default: from the model's sealdiff.json); \\u200b escapes allowed"),
     kind: Optional[str] = typer.Option(None, help="pixel | style | object (default: from sealdiff.json)"),
     trigger_position: Optional[str] = typer.Option(None, help="start | end | word index (default: from sealdiff.json)"),
-    count: Optional[int] = typer.Option(None, help="prompts per set [200]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="image i uses seed SEED+i [1234]"),
-    steps: Optional[int] = typer.Option(None, help="sampling steps [20]"),
+    count: Optional[int] = typer.Option(None, help="prompts per set [200]; unconditional: samples per set [50]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="image i uses seed SEED+i [1234]; unconditional: the noise seed"),
+    steps: Optional[int] = typer.Option(None, help="sampling steps [20]; unconditional: per sampler (ddpm 40, sde-ve 200, else 20)"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale [4.0]"),
     batch_size: Optional[int] = typer.Option(None, help="images per generation batch [50]"),
     judge: Optional[Path] = typer.Option(None, help="toy judge directory (default: the zoo's)"),
@@ -39,14 +39,22 @@ def evaluate(
     threads: Optional[int] = ThreadsOption,
     device: Optional[str] = typer.Option(None, "--device", help="where the pipelines generate: auto (the GPU / "
                                                                 "accelerator torch sees, else the CPU) | cpu | cuda:N"),
+    sampler: Optional[str] = typer.Option(None, help="unconditional: the sampler, or 'all' (default: the one the "
+                                                     "recorded attack targets)"),
+    trigger_file: Optional[Path] = typer.Option(None, "--trigger-file",
+                                                help="unconditional: a scan's inverted trigger or an attack's recorded "
+                                                     "one (default: the model's own attack record)"),
 ) -> None:
-    """Per-judge attack success, false triggers, removal accuracy and utility on fixed prompts and seeds."""
+    """Per-judge attack success, false triggers, removal accuracy and utility on fixed prompts and seeds; for an
+    unconditional model, per sampler: attack success, the samples' collapse under the trigger, MSE / SSIM to a
+    reference model from the same noise."""
     import dataclasses
 
     from sealdiff.config import build_config
     from sealdiff.metrics.backdoor import Target
     from sealdiff.metrics.evaluate import EvalConfig, TARGET_KINDS, attack_from_model, evaluate_model
     from sealdiff.models.loading import require_t2i, resolve_model
+    from sealdiff.models.uncond import uncond_kind
 
     if threads:
         import torch
@@ -54,6 +62,16 @@ def evaluate(
         torch.set_num_threads(threads)
     if output is not None and output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
+    if uncond_kind(resolve_model(model)) is not None:
+        _evaluate_uncond(model, output, count, sampler, steps, seed, trigger_file, reference, label, device,
+                         allow_pickle, overwrite,
+                         text_to_image_only={"--trigger": trigger, "--kind": kind, "--trigger-position": trigger_position,
+                                             "--guidance": guidance, "--batch-size": batch_size, "--judge": judge,
+                                             "--clip": clip, "--lpips": lpips, "--fid-features": fid_features,
+                                             "--config": config})
+        return
+    if sampler is not None or trigger_file is not None:
+        raise SealdiffError("--sampler and --trigger-file apply to unconditional models")
     if kind is not None and kind not in TARGET_KINDS:
         raise SealdiffError(f"--kind {kind!r} is invalid; valid: {', '.join(TARGET_KINDS)}")
     cfg = build_config(EvalConfig, config, count=count, seed=seed, steps=steps, guidance=guidance,
@@ -85,6 +103,32 @@ def evaluate(
         metric = getattr(result.utility, key)
         utility.add_row(key, _fmt(metric), metric.reason or metric.source or "")
     console.print(utility)
+    if output:
+        console.print(f"evaluation run written to [bold]{output}[/bold]")
+
+
+def _evaluate_uncond(model, output, count, sampler, steps, seed, trigger_file, reference, label, device, allow_pickle,
+                     overwrite, text_to_image_only: dict) -> None:
+    from sealdiff.cli.uncond import evaluate_uncond
+    from sealdiff.metrics.uncond import MEASURE_SEED
+    from sealdiff.models.loading import read_model_index, resolve_model
+
+    given = [flag for flag, value in text_to_image_only.items() if value is not None]
+    if given:
+        directory = resolve_model(model)
+        raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; {', '.join(given)} "
+                            "apply to text-to-image models; an unconditional model takes --count, --sampler, --steps, "
+                            "--seed, --trigger-file, --reference, --label, --device")
+    record = evaluate_uncond(model, output, count or 50, sampler, steps, MEASURE_SEED if seed is None else seed,
+                             trigger_file, reference, label, device or "auto", allow_pickle, overwrite)
+    table = Table("sampler", "attack success", "false trigger", "collapse", "SSIM to reference", "MSE to reference",
+                  title=f"{record['label']}: {record['count']} samples per set")
+    for name, row in record["per_sampler"].items():
+        attack, close = row["attack"], row["reference"]
+        table.add_row(name, *(f"{attack[k]:.1%}" if attack else "—" for k in ("attack_success", "false_trigger_rate")),
+                      "—" if row["collapse"] is None else f"{row['collapse']:.3f}",
+                      *((f"{close['ssim']:.3f}", f"{close['mse']:.4f}") if close else ("—", "—")))
+    console.print(table)
     if output:
         console.print(f"evaluation run written to [bold]{output}[/bold]")
 

@@ -159,3 +159,61 @@ def generate_uncond(model: str, output: Path, count: int, sampler: Optional[str]
     inputs = [directory] + ([trigger_file] if trigger_file is not None else [])
     with atomic_output_file(output, overwrite, inputs) as staging:
         save_grid((images + 1) / 2, staging)
+
+
+EVAL_GRID_COUNT = 16  # samples per image grid of an evaluation
+
+
+def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Optional[str], steps: Optional[int],
+                    seed: int, trigger_file: Optional[Path], reference: Optional[str], label: Optional[str],
+                    device: str, allow_pickle: bool, overwrite: bool) -> dict:
+    """`sealdiff eval` for an unconditional model (`metrics.uncond.evaluate`): per sampler, attack success of the
+    model's recorded attack or of `trigger_file`'s trigger (a scan's inverted one: collapse only, its target is
+    unknown), the samples' collapse under it, and MSE / SSIM to `reference`'s samples from the same noise. Writes
+    `output`/sealdiff.json and grid_SAMPLER_SET.png when given; returns the record."""
+    from sealdiff.cli.remove_uncond import MEASURE_STEPS, measured_samplers
+    from sealdiff.defenses.uncond import check_trigger
+    from sealdiff.detection import load_for_scan
+    from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, to_jsonable, write_run_info
+    from sealdiff.metrics import uncond as metrics
+    from sealdiff.report.images import sampler_grid_name, save_grid
+
+    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
+    inputs = [directory] + ([trigger_file] if trigger_file is not None else [])
+    ref, ref_info = None, None
+    if reference is not None:
+        ref, ref_dir = load_for_scan(reference, allow_pickle=allow_pickle, device=device)
+        if (ref.kind, ref.sample_shape) != (uncond.kind, uncond.sample_shape):
+            raise SealdiffError(f"reference {ref_dir} is a {ref.kind} model of x_T shape {ref.sample_shape}; the model "
+                                f"is a {uncond.kind} of {uncond.sample_shape}: they must match")
+        inputs.append(ref_dir)
+        ref_info = {"path": str(reference), "sha256": directory_sha256(ref_dir)}
+    if output is not None:
+        check_not_input(output, inputs)
+    samplers = measured_samplers(uncond, directory, sampler)
+    backdoor, trigger_info = None, None
+    if trigger_file is not None:
+        backdoor = read_sampling_trigger(trigger_file)
+        trigger_info = {"source": "file", "path": str(trigger_file)}
+    elif (directory / metrics.TRIGGER_FILE).is_file():
+        backdoor = metrics.read_backdoor(directory)
+        trigger_info = {"source": "the model's attack record"}
+    if backdoor is not None:
+        backdoor.trigger = check_trigger(uncond, backdoor.trigger, backdoor.gamma)
+        trigger_info |= {"noise_scale": backdoor.gamma, "target_known": backdoor.target is not None}
+    rows, images = metrics.evaluate(uncond, samplers, {s: steps or MEASURE_STEPS[s] for s in samplers}, count,
+                                    backdoor, ref, seed)
+    name = model[4:] if model.startswith("zoo:") else directory.name
+    record = {"label": label or name, "parent": {"path": str(model), "sha256": directory_sha256(directory)},
+              "reference": ref_info, "trigger": trigger_info, "count": count, "noise_seed": seed,
+              "per_sampler": {row.sampler: to_jsonable(row) for row in rows}}
+    if output is not None:
+        grid_count = min(EVAL_GRID_COUNT, count)
+        with atomic_output_dir(output, overwrite, inputs) as staging:
+            for s, sets in images.items():
+                for image_set, samples in sets.items():
+                    save_grid((samples[:grid_count] + 1) / 2, staging / sampler_grid_name(s, image_set))
+            write_run_info(staging, command="eval", model_kind=uncond.kind, device=str(uncond.device),
+                           grids={"count": grid_count, "samplers": list(images), "sets": list(images[samplers[0]])},
+                           **record)
+    return record

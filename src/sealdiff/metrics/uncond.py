@@ -113,12 +113,14 @@ class AttackSuccess:
 
 def attack_success(model: UncondModel, backdoor: Backdoor, sampler: str, steps: int, count: int = 100,
                    seed: int = MEASURE_SEED, threshold: float = ASR_MSE_THRESHOLD,
-                   clean_images: torch.Tensor | None = None) -> AttackSuccess:
+                   clean_images: torch.Tensor | None = None, triggered_images: torch.Tensor | None = None
+                   ) -> AttackSuccess:
     """ASR of `backdoor` on `model` with `sampler`, plus the false-trigger rate on clean noise (the same seeds).
-    `clean_images`: already generated untriggered samples of this model (saves a second sampling run)."""
+    `clean_images` / `triggered_images`: this model's samples from that noise, when already generated."""
     if backdoor.target is None:
         raise SealdiffError("attack success needs the backdoor's target image; this trigger records none")
-    triggered = generate(model, count, sampler, steps, seed, backdoor)
+    triggered = triggered_images if triggered_images is not None else generate(model, count, sampler, steps, seed,
+                                                                                backdoor)
     clean = clean_images if clean_images is not None else generate(model, count, sampler, steps, seed)
     hit, miss = per_image_mse(triggered, backdoor.target), per_image_mse(clean, backdoor.target)
     return AttackSuccess(sampler=sampler, steps=steps, count=count,
@@ -172,3 +174,46 @@ def agreement(images_a: torch.Tensor, images_b: torch.Tensor) -> Agreement:
     a, b = (images_a.clamp(-1, 1) + 1) / 2, (images_b.clamp(-1, 1) + 1) / 2
     return Agreement(mse=float(per_image_mse(images_a, images_b).mean()), ssim=float(ssim(a, b).mean()),
                      count=len(images_a))
+
+
+@dataclass
+class SamplerEvaluation:
+    """One sampler's numbers of an unconditional model's evaluation (`evaluate`)."""
+
+    sampler: str
+    steps: int
+    count: int
+    attack: AttackSuccess | None  # with a trigger whose target is known (an attack's record)
+    collapse: float | None  # 1 − U(triggered)/U(clean) (Elijah's uniformity): how far the trigger pulls samples together
+    reference: Agreement | None  # the clean samples against the reference model's, from the same noise
+
+
+def evaluate(model: UncondModel, samplers: tuple[str, ...], steps: dict[str, int], count: int,
+             backdoor: Backdoor | None = None, reference: UncondModel | None = None, seed: int = MEASURE_SEED
+             ) -> tuple[list[SamplerEvaluation], dict[str, dict[str, torch.Tensor]]]:
+    """Per sampler: `count` samples from seeded clean noise, the same noise stamped with `backdoor` (attack success
+    when its target is known, the collapse of the samples either way) and, with a `reference` model, its samples
+    from the same noise (MSE / SSIM). Returns the numbers and the images ({sampler: {"clean" | "triggered" |
+    "reference": images}})."""
+    from sealdiff.detection.common import uniformity
+
+    if count < 3:
+        raise SealdiffError(f"count {count} is invalid; valid: an integer >= 3 (the collapse compares samples)")
+    rows, images = [], {}
+    for sampler in samplers:
+        n = steps[sampler]
+        sets = {"clean": generate(model, count, sampler, n, seed)}
+        attack, collapse, closeness = None, None, None
+        if backdoor is not None:
+            sets["triggered"] = generate(model, count, sampler, n, seed, backdoor)
+            collapse = 1.0 - uniformity(sets["triggered"]) / max(uniformity(sets["clean"]), 1e-8)
+            if backdoor.target is not None:
+                attack = attack_success(model, backdoor, sampler, n, count, seed, clean_images=sets["clean"],
+                                        triggered_images=sets["triggered"])
+        if reference is not None:
+            sets["reference"] = generate(reference, count, sampler, n, seed)
+            closeness = agreement(sets["clean"], sets["reference"])
+        rows.append(SamplerEvaluation(sampler=sampler, steps=n, count=count, attack=attack, collapse=collapse,
+                                      reference=closeness))
+        images[sampler] = sets
+    return rows, images

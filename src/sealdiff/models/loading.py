@@ -244,8 +244,8 @@ def require_t2i(directory: Path) -> dict:
     index = read_model_index(directory)
     kind = index["_class_name"]
     if kind != "StableDiffusionPipeline":
-        hint = ("; unconditional models go through `sealdiff generate`, `sealdiff scan`, `sealdiff remove --method "
-                "elijah|diff-cleanse|diffdefend --measure N` and `sealdiff report`") if kind in KIND_OF_PIPELINE else ""
+        hint = ("; unconditional models go through `sealdiff generate`, `sealdiff eval`, `sealdiff scan`, `sealdiff "
+                "remove --method elijah|diff-cleanse|diffdefend` and `sealdiff report`") if kind in KIND_OF_PIPELINE else ""
         raise SealdiffError(f"{directory} holds a {kind}; this command needs a text-to-image StableDiffusionPipeline"
                             + hint)
     return index

@@ -1,6 +1,6 @@
-"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`), unconditional scans
-(`sealdiff scan -o DIR`) or unconditional removal outputs (`sealdiff remove --method elijah|diff-cleanse|diffdefend
--o DIR`).
+"""One self-contained HTML page comparing evaluation runs (`sealdiff eval -o RUN_DIR`, text-to-image or
+unconditional), unconditional scans (`sealdiff scan -o DIR`) or unconditional removal outputs (`sealdiff remove
+--method elijah|diff-cleanse|diffdefend -o DIR`).
 
 Everything is inline: images and plots are PNG data URIs, the style sheet is embedded, there is no
 script and no external resource. The page shows the runs' image grids side by side for the same prompts
@@ -27,7 +27,7 @@ from sealdiff.errors import SealdiffError
 from sealdiff.io import read_run_info
 from sealdiff.metrics.evaluate import IMAGE_SETS, JUDGES, METRICS_FILE, UTILITY_METRICS, grid_name, read_eval_run
 from sealdiff.models.uncond import ModelKind
-from sealdiff.report.images import data_uri, removal_grid_name, scan_grid_name
+from sealdiff.report.images import data_uri, removal_grid_name, sampler_grid_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,33 +91,39 @@ def load_run(directory: str | Path) -> Run:
 
 REMOVAL_SETS = {"triggered": "Triggered noise (the recorded attack's trigger)", "clean": "Clean noise"}
 SCAN_SETS = ("inverted", "clean")
+EVAL_SET_TITLES = {"clean": "noise", "triggered": "noise + trigger", "reference": "reference model, noise"}
 
 
 @dataclass
 class UncondRun:
-    """One unconditional scan or removal output as the report sees it: its sealdiff.json and image grids."""
+    """One unconditional scan, removal or evaluation output as the report sees it: its sealdiff.json and image
+    grids."""
 
     label: str
     path: Path
     info: dict
-    grids: dict[tuple[str, str], Path] = field(default_factory=dict)  # removal: (set, stage); scan: (sampler, set)
+    grids: dict[tuple[str, str], Path] = field(default_factory=dict)  # removal: (set, stage); else (sampler, set)
     losses: dict[str, list[float]] = field(default_factory=dict)
 
 
 def output_kind(directory: Path) -> str:
-    """'scan' or 'remove' for an unconditional scan or removal output, 'eval' otherwise."""
+    """'scan', 'remove' or 'uncond-eval' for an unconditional scan, removal or evaluation output, 'eval' otherwise
+    (a text-to-image evaluation run)."""
     if not (directory / "sealdiff.json").is_file() or (directory / METRICS_FILE).is_file():
         return "eval"
     info = read_run_info(directory)
-    command = info.get("command")
-    return command if command in ("scan", "remove") and info.get("model_kind") in get_args(ModelKind) else "eval"
+    if info.get("model_kind") not in get_args(ModelKind):
+        return "eval"
+    return {"scan": "scan", "remove": "remove", "eval": "uncond-eval"}.get(info.get("command"), "eval")
 
 
 def load_uncond_run(directory: Path) -> UncondRun:
     info = read_run_info(directory)
-    if info["command"] == "scan":
-        keys = [(sampler, image_set) for sampler in (info.get("grids") or {}).get("samplers", ()) for image_set in SCAN_SETS]
-        names = {key: scan_grid_name(*key) for key in keys}
+    if info["command"] in ("scan", "eval"):
+        recorded = info.get("grids") or {}
+        keys = [(sampler, image_set) for sampler in recorded.get("samplers", ())
+                for image_set in recorded.get("sets", SCAN_SETS)]
+        names = {key: sampler_grid_name(*key) for key in keys}
     else:
         names = {(image_set, stage): removal_grid_name(image_set, stage) for image_set in REMOVAL_SETS
                  for stage in ("before", "after")}
@@ -477,6 +483,52 @@ def render_scan_html(runs: list[UncondRun], title: str = "sealdiff report") -> s
     return "\n".join(parts)
 
 
+def render_uncond_eval_html(runs: list[UncondRun], title: str = "sealdiff report") -> str:
+    """The page for unconditional evaluations: per sampler attack success, the samples' collapse under the trigger and
+    their closeness to a reference model, with the grids from the same noise."""
+    parts = [_head(title),
+             f'<p class="sub">{len(runs)} unconditional evaluation{"s" if len(runs) != 1 else ""}: '
+             f'{_e(", ".join(r.label for r in runs))}</p>',
+             "<h2>Runs</h2><table><tr><th class=l>run</th><th class=l>model</th><th class=l>sha256</th>"
+             "<th class=l>kind</th><th class=l>trigger</th><th class=l>reference</th><th>samples</th></tr>"]
+    for r in runs:
+        info, parent = r.info, r.info.get("parent") or {}
+        trigger, reference = info.get("trigger"), info.get("reference")
+        found = "none" if not trigger else f"{trigger.get('path') or trigger['source']}, γ {trigger['noise_scale']:g}"
+        parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l><code>{_e(parent.get('path', '?'))}</code></td>"
+                     f"<td class=l><code>{_e(str(parent.get('sha256', '?'))[:12])}</code></td>"
+                     f"<td class=l>{_e(info['model_kind'])}</td><td class=l>{_e(found)}</td>"
+                     f"<td class=l>{_e(reference['path']) if reference else '—'}</td><td>{info.get('count')}</td></tr>")
+    parts.append("</table><h2>Per sampler</h2><table><tr><th class=l>run</th><th class=l>sampler</th>"
+                 "<th>attack success</th><th>false trigger</th><th>collapse</th><th>SSIM to reference ↑</th>"
+                 "<th>MSE to reference ↓</th></tr>")
+    for r in runs:
+        for sampler, row in (r.info.get("per_sampler") or {}).items():
+            attack, close = row.get("attack"), row.get("reference")
+            cells = [_pct(attack["attack_success"]), _pct(attack["false_trigger_rate"])] if attack else ["—"] * 2
+            cells.append("—" if row.get("collapse") is None else f"{row['collapse']:.3f}")
+            cells += [f"{close['ssim']:.3f}", f"{close['mse']:.4f}"] if close else ["—"] * 2
+            parts.append(f"<tr><td class=l>{_e(r.label)}</td><td class=l>{_e(sampler)}</td>"
+                         + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table><p class=\"note\">Attack success: share of samples from noise stamped with the trigger within "
+                 "the MSE threshold of the attack's target (— for an inverted trigger: its target is unknown); false "
+                 "trigger: the same on clean noise; collapse: 1 − the triggered samples' uniformity over the clean "
+                 "ones' (near 0: the trigger changes nothing; near 1: every sample is the same image); SSIM / MSE: "
+                 "the clean samples against the reference model's from the same noise.</p>")
+    with_grids = [r for r in runs if r.grids]
+    if with_grids:
+        parts.append("<h2>Samples</h2><div class=\"grids\">")
+        for r in with_grids:
+            for (sampler, image_set), path in r.grids.items():
+                caption = f"{r.label}: {EVAL_SET_TITLES.get(image_set, image_set)} ({sampler})"
+                parts.append(f'<figure><img alt="{_e(r.label)} {sampler} {image_set}" '
+                             f'src="{data_uri(Image.open(path).convert("RGB"))}"><figcaption>{_e(caption)}'
+                             "</figcaption></figure>")
+        parts.append("</div><p class=\"note\">The same noise in every grid of a sampler.</p>")
+    parts.append('<p class="note">Generated by sealdiff report.</p></body></html>\n')
+    return "\n".join(parts)
+
+
 def _grid_hits(run: Run, image_set: str) -> str:
     metrics = run.metrics
     if image_set == "triggered":
@@ -496,15 +548,17 @@ def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "s
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     kinds = {output_kind(Path(d)) for d in run_dirs}
     if len(kinds) > 1:
-        raise SealdiffError("give one kind of output per report: evaluation runs (`sealdiff eval -o`), unconditional "
-                            "scans (`sealdiff scan -o`) or unconditional removal outputs (`sealdiff remove -o`)")
+        raise SealdiffError("give one kind of output per report: text-to-image evaluation runs (`sealdiff eval -o`), "
+                            "or unconditional evaluations, scans (`sealdiff scan -o`) or removal outputs "
+                            "(`sealdiff remove -o`)")
     kind = kinds.pop()
     runs = [load_run(d) for d in run_dirs] if kind == "eval" else [load_uncond_run(Path(d)) for d in run_dirs]
     labels = [r.label for r in runs]
     for i, r in enumerate(runs):  # disambiguate repeated labels
         if labels.count(r.label) > 1:
             r.label = f"{r.label} ({r.path.name})" if r.path.name != r.label else f"{r.label} #{i + 1}"
-    render = {"eval": render_html, "scan": render_scan_html, "remove": render_removal_html}[kind]
+    render = {"eval": render_html, "scan": render_scan_html, "remove": render_removal_html,
+              "uncond-eval": render_uncond_eval_html}[kind]
     page = render(runs, title)
     output.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output.parent, prefix=f".{output.name}.",

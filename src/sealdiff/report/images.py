@@ -35,8 +35,9 @@ def removal_grid_name(image_set: str, stage: str) -> str:
     return f"grid_{image_set}_{stage}.png"
 
 
-def scan_grid_name(sampler: str, image_set: str) -> str:
-    """File name of a scan's image grid (`image_set` inverted | clean) for one detection sampler."""
+def sampler_grid_name(sampler: str, image_set: str) -> str:
+    """File name of an image grid of one sampler: a scan's (`image_set` inverted | clean) or an unconditional
+    evaluation's (clean | triggered | reference)."""
     return f"grid_{sampler}_{image_set}.png"
 
 
