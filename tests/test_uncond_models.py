@@ -370,7 +370,8 @@ def test_cli_eval_measures_an_unconditional_model_against_its_trigger_and_a_refe
     capsys.readouterr()
     ncsn = tmp_path / "ncsn"
     save_uncond(tiny_uncond("ncsn", channels=(8, 16)), ncsn)
-    for argv, message in ((["--reference", str(ncsn)], "they must match"), (["--count", "2"], "count 2 is invalid")):
+    for argv, message in ((["--reference", str(ncsn)], "they must match"), (["--count", "2"], "count 2 is invalid"),
+                          (["--count", "0"], "count 0 is invalid"), (["--steps", "0"], "--steps 0 is invalid")):
         assert main(["eval", str(backdoored), "-o", str(tmp_path / "bad"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and not (tmp_path / "bad").exists(), err

@@ -119,7 +119,7 @@ def _evaluate_uncond(model, output, count, sampler, steps, seed, trigger_file, r
         raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; {', '.join(given)} "
                             "apply to text-to-image models; an unconditional model takes --count, --sampler, --steps, "
                             "--seed, --trigger-file, --reference, --label, --device")
-    record = evaluate_uncond(model, output, count or 50, sampler, steps, MEASURE_SEED if seed is None else seed,
+    record = evaluate_uncond(model, output, 50 if count is None else count, sampler, steps, MEASURE_SEED if seed is None else seed,
                              trigger_file, reference, label, device or "auto", allow_pickle, overwrite)
     table = Table("sampler", "attack success", "false trigger", "collapse", "SSIM to reference", "MSE to reference",
                   title=f"{record['label']}: {record['count']} samples per set")

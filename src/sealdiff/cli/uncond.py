@@ -178,6 +178,8 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     from sealdiff.metrics import uncond as metrics
     from sealdiff.report.images import sampler_grid_name, save_grid
 
+    if steps is not None and steps < 1:
+        raise SealdiffError(f"--steps {steps} is invalid; valid: an integer >= 1")
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
     inputs = [directory] + ([trigger_file] if trigger_file is not None else [])
     ref, ref_info = None, None
