@@ -1,10 +1,11 @@
 """Where the models run (`--device`, `models.loading.resolve_device`, `models.uncond.unet_output`).
 
 The unconditional models' modules may sit on any device and in any float dtype; sealdiff's own tensors stay on the CPU and cross to the
-modules' placement at each UNet / autoencoder call. This machine's only device is the CPU, so the crossing is
+modules' placement at each UNet / autoencoder call. The CI machines' only device is the CPU, so the crossing is
 checked through the dtype it carries too: a model held in float64 must be handed float64 at every call (a call that
 skipped the crossing hands it float32, which its convolutions refuse) and must give the float32 model's results to
-float32 precision, in float32 on the caller's device."""
+float32 precision, in float32 on the caller's device. The same tests run on a CUDA device where there is one
+(`pytest tests/test_devices.py -k cuda`); they have not yet run on one."""
 
 from __future__ import annotations
 
@@ -21,58 +22,77 @@ from sealdiff.detection import get_detector
 from sealdiff.errors import SealdiffError
 from sealdiff.io import directory_sha256
 from sealdiff.models.loading import resolve_device
-from sealdiff.models.uncond import ODE_SAMPLERS, sample, sample_noise, save_uncond, tiny_uncond
+from sealdiff.models.uncond import ODE_SAMPLERS, placement, sample, sample_noise, save_uncond, tiny_uncond
 
 from test_bad_inputs import assert_one_line_error, run_cli
 from test_published_layouts import REMOVE, SCAN
 
 
-def _pair(kind: str):
-    """The same tiny model in float32 and in float64."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (this project's CI is CPU-only)")
+PLACEMENTS = [pytest.param(torch.float64, id="float64"), pytest.param(torch.device("cuda"), id="cuda", marks=CUDA)]
+
+
+@pytest.fixture(autouse=True)
+def _exact_cuda_float32():
+    """CUDA convolutions in full float32 (TF32 would differ from the CPU in the third digit)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _pair(kind: str, where):
+    """The same tiny model on the CPU in float32, and moved to `where` (a dtype or a device)."""
     model = tiny_uncond(kind, channels=(8, 16))
-    return model, copy.deepcopy(model).to(torch.float64)
+    return model, copy.deepcopy(model).to(where)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> bool:
     return a.dtype == b.dtype and a.device == b.device and torch.allclose(a, b.to(a.dtype), atol=atol)
 
 
+@pytest.mark.parametrize("where", PLACEMENTS)
 @pytest.mark.parametrize("kind", ["ddpm", "ncsn", "ldm"])
-def test_sampling_and_the_autoencoder_run_in_the_modules_placement(kind):
-    single, double = _pair(kind)
+def test_sampling_and_the_autoencoder_run_in_the_modules_placement(kind, where):
+    single, moved = _pair(kind, where)
     noise = sample_noise(single, 3, torch.Generator().manual_seed(0))
     for sampler in single.samplers:
         images = [sample(m, noise, sampler, steps=2, generator=torch.Generator().manual_seed(1))
-                  for m in (single, double)]
+                  for m in (single, moved)]
         assert images[1].dtype == torch.float32 and images[1].device == noise.device, sampler
-        if sampler in ODE_SAMPLERS:  # (the stock stochastic steps draw their noise in the model's dtype)
+        # a device gets the same float32 step noise (drawn on the CPU); float64 stock steps draw their own
+        if sampler in ODE_SAMPLERS or isinstance(where, torch.device):
             assert _close(images[0], images[1], 1e-3), sampler
     if kind == "ldm":
         pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-        latents = [m.encode(pixels) for m in (single, double)]
+        latents = [m.encode(pixels) for m in (single, moved)]
         assert _close(latents[0], latents[1], 1e-5)
-        assert _close(single.decode(latents[0]), double.decode(latents[0]), 1e-5)
+        assert _close(single.decode(latents[0]), moved.decode(latents[0]), 1e-5)
 
 
+@pytest.mark.parametrize("where", PLACEMENTS)
 @pytest.mark.parametrize("kind", ["ddpm", "ncsn", "ldm"])
-def test_scans_removals_and_attacks_run_in_the_modules_placement(kind):
+def test_scans_removals_and_attacks_run_in_the_modules_placement(kind, where):
     """The inversions' losses agree, and so do the first losses of a removal and an attack (taken before any update;
     later ones drift apart as Adam scales tiny gradient differences up). The inverted triggers are not compared: a
     detector picks among candidates by samples of the stock stochastic samplers, which draw in the model's dtype."""
     for method, (defense, detector) in UNCOND_METHODS.items():
-        single, double = _pair(kind)
+        single, moved = _pair(kind, where)
         config = dict(SCAN[detector], **({"samplers": list(single.samplers[:1])} if detector != "diff-cleanse" else {}))
-        scans = [get_detector(detector).make(**config).scan(m) for m in (single, double)]
+        scans = [get_detector(detector).make(**config).scan(m) for m in (single, moved)]
         assert scans[1].losses == pytest.approx(scans[0].losses, rel=1e-3, abs=1e-6), method
         assert scans[1].trigger.dtype == torch.float32 and torch.isfinite(scans[1].trigger).all()
         spec = get_defense(defense)
         losses = [spec.runner(spec.make_config(**REMOVE)).apply(m, scans[0].trigger, noise_scale=scans[0].noise_scale)
-                  .losses[0] for m in (single, double)]
+                  .losses[0] for m in (single, moved)]
         assert losses[1] == pytest.approx(losses[0], rel=1e-4), method
-        assert next(double.unet.parameters()).dtype == torch.float64
-    single, double = _pair(kind)
+        assert placement(moved.unet) == placement(_pair(kind, where)[1].unet)  # the removal kept the model there
+    single, moved = _pair(kind, where)
     attack_cls, config_cls = ATTACKS["baddiffusion" if kind == "ddpm" else "villandiffusion"]
-    losses = [attack_cls(config_cls(steps=2, batch_size=2)).run(m)[1].losses[0] for m in (single, double)]
+    losses = [attack_cls(config_cls(steps=2, batch_size=2)).run(m)[1].losses[0] for m in (single, moved)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
