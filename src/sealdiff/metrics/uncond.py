@@ -189,31 +189,37 @@ class SamplerEvaluation:
 
 
 def evaluate(model: UncondModel, samplers: tuple[str, ...], steps: dict[str, int], count: int,
-             backdoor: Backdoor | None = None, reference: UncondModel | None = None, seed: int = MEASURE_SEED
-             ) -> tuple[list[SamplerEvaluation], dict[str, dict[str, torch.Tensor]]]:
+             backdoor: Backdoor | None = None, reference: UncondModel | None = None, seed: int = MEASURE_SEED,
+             progress: bool = True) -> tuple[list[SamplerEvaluation], dict[str, dict[str, torch.Tensor]]]:
     """Per sampler: `count` samples from seeded clean noise, the same noise stamped with `backdoor` (attack success
     when its target is known, the collapse of the samples either way) and, with a `reference` model, its samples
     from the same noise (MSE / SSIM). Returns the numbers and the images ({sampler: {"clean" | "triggered" |
     "reference": images}})."""
     from sealdiff.detection.common import uniformity
+    from sealdiff.training import progress_bar
 
     if count < 3:
         raise SealdiffError(f"count {count} is invalid; valid: an integer >= 3 (the collapse compares samples)")
     rows, images = [], {}
-    for sampler in samplers:
-        n = steps[sampler]
-        sets = {"clean": generate(model, count, sampler, n, seed)}
-        attack, collapse, closeness = None, None, None
-        if backdoor is not None:
-            sets["triggered"] = generate(model, count, sampler, n, seed, backdoor)
-            collapse = 1.0 - uniformity(sets["triggered"]) / max(uniformity(sets["clean"]), 1e-8)
-            if backdoor.target is not None:
-                attack = attack_success(model, backdoor, sampler, n, count, seed, clean_images=sets["clean"],
-                                        triggered_images=sets["triggered"])
-        if reference is not None:
-            sets["reference"] = generate(reference, count, sampler, n, seed)
-            closeness = agreement(sets["clean"], sets["reference"])
-        rows.append(SamplerEvaluation(sampler=sampler, steps=n, count=count, attack=attack, collapse=collapse,
-                                      reference=closeness))
-        images[sampler] = sets
+    sets_per_sampler = 1 + (backdoor is not None) + (reference is not None)
+    with progress_bar("evaluate", len(samplers) * sets_per_sampler, disable=not progress) as advance:
+        for sampler in samplers:
+            n = steps[sampler]
+            sets = {"clean": generate(model, count, sampler, n, seed)}
+            advance(info=f"{sampler} clean")
+            attack, collapse, closeness = None, None, None
+            if backdoor is not None:
+                sets["triggered"] = generate(model, count, sampler, n, seed, backdoor)
+                advance(info=f"{sampler} triggered")
+                collapse = 1.0 - uniformity(sets["triggered"]) / max(uniformity(sets["clean"]), 1e-8)
+                if backdoor.target is not None:
+                    attack = attack_success(model, backdoor, sampler, n, count, seed, clean_images=sets["clean"],
+                                            triggered_images=sets["triggered"])
+            if reference is not None:
+                sets["reference"] = generate(reference, count, sampler, n, seed)
+                advance(info=f"{sampler} reference")
+                closeness = agreement(sets["clean"], sets["reference"])
+            rows.append(SamplerEvaluation(sampler=sampler, steps=n, count=count, attack=attack, collapse=collapse,
+                                          reference=closeness))
+            images[sampler] = sets
     return rows, images
