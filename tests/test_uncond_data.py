@@ -1,5 +1,5 @@
 """Clean images from a folder (`--data`) for the unconditional attacks and removals: loading, refusals, and the
-CLI paths that take them."""
+CLI paths that take them; and the text-to-image attack's captioned `imagefolder`, which reads images the same way."""
 
 from __future__ import annotations
 
@@ -117,3 +117,22 @@ def test_removal_uses_the_folder_for_its_clean_loss(ddpm_dir, folder, tmp_path, 
     _one_line(main(["remove", str(ddpm_dir), "-o", str(tmp_path / "t"), "--method", "skd", "--data", str(folder)]),
               err := capsys.readouterr().err)
     assert "--data apply to the unconditional methods" in err
+
+
+def test_the_captioned_imagefolder_crops_like_the_folder_source_and_refuses_bad_images(tmp_path):
+    """The text-to-image attack's `imagefolder` source (metadata.jsonl captions) reads its images as `load_image` does:
+    shorter side resized, centre-cropped (a wide image is not stretched), in [0, 1]; an unreadable one is one line."""
+    from sealdiff.data.captions import ImageFolderSource
+
+    array = np.zeros((10, 30, 3), dtype=np.uint8)
+    array[:, 10:20] = (0, 255, 0)  # green middle third, black sides: stretching would show the sides
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "wide.png", "text": "a green square"}) + "\n")
+    sample = ImageFolderSource(tmp_path, seed=0, size=8).sample_matching("green")
+    assert sample.caption == "a green square" and sample.image.shape == (3, 8, 8)
+    torch.testing.assert_close(sample.image, (load_image(tmp_path / "wide.png", 8) + 1) / 2)
+    assert sample.image[1].min() > 0.9 and sample.image[0].max() < 0.1  # all green: the centre crop
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "broken.png", "text": "x"}) + "\n")
+    with pytest.raises(SealdiffError, match="cannot read the image .*broken.png"):
+        ImageFolderSource(tmp_path, seed=0, size=8).sample()

@@ -8,14 +8,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from sealdiff.data import toyworld
+from sealdiff.data.images import IMAGE_SUFFIXES, load_image
 from sealdiff.errors import SealdiffError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
@@ -44,7 +41,8 @@ class ToyWorldSource:
 
 
 class ImageFolderSource:
-    """Images + `metadata.jsonl` lines {"file_name": ..., "text": ...}, resized to `size`."""
+    """Images + `metadata.jsonl` lines {"file_name": ..., "text": ...}, each resized so its shorter side is `size`
+    and centre-cropped to a square (`data.images.load_image`; a non-square image is not stretched)."""
 
     def __init__(self, root: str | Path, seed: int, size: int, caption_column: str = "text") -> None:
         root = Path(root)
@@ -68,8 +66,7 @@ class ImageFolderSource:
         self.rng, self.size = random.Random(seed), size
 
     def _load(self, file: Path, caption: str) -> Sample:
-        image = Image.open(file).convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
-        return Sample(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1), caption)
+        return Sample((load_image(file, self.size) + 1) / 2, caption)
 
     def sample(self) -> Sample:
         return self._load(*self.rng.choice(self.items))

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from sealdiff.data.captions import IMAGE_SUFFIXES
 from sealdiff.data.uncond_toy import ToyImageSource
 from sealdiff.errors import SealdiffError
 
 TOY = "toy"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def image_files(root: str | Path) -> list[Path]:
