@@ -157,3 +157,11 @@ def test_cli_records_the_device(tmp_path):
     cfg.write_text(json.dumps(SCAN["elijah"] | {"samplers": ["ddim"]}))
     assert main(["scan", str(model), "-o", str(tmp_path / "scan"), "--config", str(cfg), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "scan" / "sealdiff.json").read_text())["device"] == "cpu"
+
+
+def test_env_shows_where_auto_runs(capsys):
+    from sealdiff.cli import main
+
+    assert main(["env"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "--device auto" in line)
+    assert str(resolve_device("auto")) in row

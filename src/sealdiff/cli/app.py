@@ -51,12 +51,14 @@ def env() -> None:
 
     from sealdiff.io import versions
     from sealdiff.models import zoo
+    from sealdiff.models.loading import resolve_device
 
     table = Table(show_header=False)
     for key, value in versions().items():
         table.add_row(key, value)
     table.add_row("threads", str(torch.get_num_threads()))
     table.add_row("cuda", f"{torch.cuda.device_count()} device(s)" if torch.cuda.is_available() else "not available")
+    table.add_row("--device auto", str(resolve_device("auto")))
     table.add_row("zoo", str(zoo.zoo_dir()))
     table.add_row("cache", str(zoo.cache_dir()))
     table.add_row("evaluation models", "local paths only (--judge, --clip); nothing is downloaded")
