@@ -191,15 +191,11 @@ def generate(
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     directory = resolve_model(model)
     if uncond_kind(directory) is not None:
-        from sealdiff.cli.uncond import generate_uncond
-        from sealdiff.models.loading import read_model_index
+        from sealdiff.cli.uncond import generate_uncond, refuse_text_to_image_flags
 
-        given = [flag for flag, value in (("--prompt", prompt), ("--prompts", prompts_file), ("--defense", defense),
-                                          ("--trigger", trigger), ("--config", config)) if value]
-        if given:
-            raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; "
-                                f"{', '.join(given)} apply to text-to-image models; an unconditional model takes "
-                                "--count, --sampler, --steps, --seed and --trigger-file")
+        refuse_text_to_image_flags(directory, {"--prompt": prompt, "--prompts": prompts_file, "--defense": defense,
+                                               "--trigger": trigger, "--config": config},
+                                   "--count, --sampler, --steps, --seed and --trigger-file")
         generate_uncond(model, output, count or 16, sampler, steps, seed, trigger_file, device, allow_pickle, overwrite)
         console.print(f"wrote {output}")
         return

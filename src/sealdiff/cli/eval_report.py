@@ -111,14 +111,11 @@ def _evaluate_uncond(model, output, count, sampler, steps, seed, trigger_file, r
                      overwrite, text_to_image_only: dict) -> None:
     from sealdiff.cli.uncond import evaluate_uncond
     from sealdiff.metrics.uncond import MEASURE_SEED
-    from sealdiff.models.loading import read_model_index, resolve_model
+    from sealdiff.cli.uncond import refuse_text_to_image_flags
+    from sealdiff.models.loading import resolve_model
 
-    given = [flag for flag, value in text_to_image_only.items() if value is not None]
-    if given:
-        directory = resolve_model(model)
-        raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; {', '.join(given)} "
-                            "apply to text-to-image models; an unconditional model takes --count, --sampler, --steps, "
-                            "--seed, --trigger-file, --reference, --label, --device")
+    refuse_text_to_image_flags(resolve_model(model), text_to_image_only, "--count, --sampler, --steps, --seed, "
+                               "--trigger-file, --reference, --label and --device")
     record = evaluate_uncond(model, output, 50 if count is None else count, sampler, steps, MEASURE_SEED if seed is None else seed,
                              trigger_file, reference, label, device or "auto", allow_pickle, overwrite)
     table = Table("sampler", "attack success", "false trigger", "collapse", "SSIM to reference", "MSE to reference",

@@ -107,6 +107,18 @@ def attack_villandiffusion(
          lr_schedule=lr_schedule, batch_size=batch_size, seed=seed)
 
 
+def refuse_text_to_image_flags(directory: Path, flags: dict, accepted: str) -> None:
+    """One line naming the text-to-image flags (`flags`: flag -> value; None or empty = not given) that were given
+    with an unconditional model, and what it takes instead (`accepted`)."""
+    from sealdiff.models.loading import read_model_index
+
+    given = [flag for flag, value in flags.items() if value is not None and value != []]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SealdiffError(f"{directory} holds a {read_model_index(directory)['_class_name']}; {', '.join(given)} "
+                            f"{verb} to text-to-image models; an unconditional model takes {accepted}")
+
+
 def read_sampling_trigger(path: Path):
     """The trigger `sealdiff generate --trigger-file` stamps: a scan's inverted one (target unknown) or an attack's
     recorded one, from either output folder or its trigger.safetensors."""
