@@ -244,7 +244,7 @@ def test_cli_scan_and_pruning_run_through_a_vq_autoencoder(tmp_path):
 def test_cli_remove_measures_every_sampler_when_asked(tmp_path, capsys):
     """`--sampler all`: before/after on every sampler of the model type, the attack's own first (and reported as
     `before`/`after`), with the same numbers as a one-sampler measurement."""
-    from sealdiff.cli.remove_uncond import measure_attack, measured_samplers
+    from sealdiff.cli.remove_uncond import measure_samples, measured_samplers
     from sealdiff.models.uncond import SAMPLERS
 
     from sealdiff.defenses.uncond import save_trigger
@@ -266,7 +266,7 @@ def test_cli_remove_measures_every_sampler_when_asked(tmp_path, capsys):
     assert info["before"] == info["per_sampler"]["ddpm"]["before"] and info["after"] == info["per_sampler"]["ddpm"]["after"]
     assert capsys.readouterr().out.count("attack success") == len(SAMPLERS["ddpm"])
     original = load_uncond(model)
-    assert measure_attack(original, model, ("heun",), 4)["heun"] == info["per_sampler"]["heun"]["before"]
+    assert measure_samples(original, model, ("heun",), 4)[1]["heun"] == info["per_sampler"]["heun"]["before"]
     assert measured_samplers(original, model, "ddim") == ("ddim",) and measured_samplers(original, model, None) == ("ddpm",)
 
 

@@ -51,27 +51,27 @@ def measured_samplers(model, directory: Path, sampler: str | None) -> tuple[str,
     return (target,) if sampler is None else (target, *(s for s in model.samplers if s != target))
 
 
-def clean_samples(model, samplers: tuple[str, ...], count: int) -> dict:
-    """{sampler: `count` samples from the measurement's clean noise} (the same noise before and after a removal)."""
-    from sealdiff.metrics import uncond as metrics
-
-    return {s: metrics.generate(model, count, s, MEASURE_STEPS.get(s, 20)) for s in samplers}
-
-
-def measure_attack(model, directory: Path, samplers: tuple[str, ...], count: int, clean: dict | None = None
-                   ) -> dict | None:
-    """Attack success per sampler of the backdoor the model directory records (its attack's trigger.safetensors) —
-    the true trigger is used here only to *measure*; None when the model records no attack or `count` is 0.
-    `clean`: this model's `clean_samples` for the false-trigger rate, when already drawn."""
+def measure_samples(model, directory: Path, samplers: tuple[str, ...], count: int, description: str = "measuring"
+                    ) -> tuple[dict, dict | None]:
+    """({sampler: `count` samples from the measurement's clean noise}, {sampler: attack success of the backdoor the
+    model directory records (its attack's trigger.safetensors)} or None when it records none) under a progress bar.
+    The clean noise is the same before and after a removal; the true trigger is used here only to *measure*."""
     from sealdiff.io import to_jsonable
     from sealdiff.metrics import uncond as metrics
+    from sealdiff.training import progress_bar
 
-    if not count or not (directory / metrics.TRIGGER_FILE).is_file():
-        return None
-    backdoor = metrics.read_backdoor(directory)
-    return {s: to_jsonable(metrics.attack_success(model, backdoor, s, MEASURE_STEPS.get(s, 20), count,
-                                                  clean_images=(clean or {}).get(s)))
-            for s in samplers}
+    recorded = (directory / metrics.TRIGGER_FILE).is_file()
+    backdoor = metrics.read_backdoor(directory) if recorded else None
+    clean, attack = {}, {} if recorded else None
+    with progress_bar(description, len(samplers)) as advance:
+        for s in samplers:
+            steps = MEASURE_STEPS.get(s, 20)
+            clean[s] = metrics.generate(model, count, s, steps)
+            if backdoor is not None:
+                attack[s] = to_jsonable(metrics.attack_success(model, backdoor, s, steps, count, clean_images=clean[s]))
+            advance(info=s)
+    return clean, attack
+
 
 
 def clean_closeness(before: dict, after: dict) -> dict:
@@ -140,13 +140,13 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
                            detector_name, scan.score, scan.threshold)
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
-    clean_before = clean_samples(uncond, samplers, measure) if measure else {}
-    before = measure_attack(uncond, directory, samplers, measure, clean_before)
-    grids = {"before": sample_grids(uncond, directory, samplers[0])} if measure else {}
-    result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
-    clean_after = clean_samples(uncond, samplers, measure) if measure else {}
-    after = measure_attack(uncond, directory, samplers, measure, clean_after)
+    (clean_before, before), (clean_after, after), grids = ({}, None), ({}, None), {}
     if measure:
+        clean_before, before = measure_samples(uncond, directory, samplers, measure, "measuring before")
+        grids["before"] = sample_grids(uncond, directory, samplers[0])
+    result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
+    if measure:
+        clean_after, after = measure_samples(uncond, directory, samplers, measure, "measuring after")
         grids["after"] = sample_grids(uncond, directory, samplers[0])
     measured: dict[str, Any] = {"before": None, "after": None, "count": measure,
                                 "clean_closeness": clean_closeness(clean_before, clean_after) if measure else None}
