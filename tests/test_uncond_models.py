@@ -363,8 +363,10 @@ def test_cli_eval_measures_an_unconditional_model_against_its_trigger_and_a_refe
     save_trigger(M.trigger(), scan, metadata={"source": TRIGGER_SOURCE})
     assert main(["eval", str(backdoored), "-o", str(tmp_path / "eval2"), "--trigger-file", str(scan), "--count", "4",
                  "--steps", "5"]) == 0
-    row = json.loads((tmp_path / "eval2" / "sealdiff.json").read_text())["per_sampler"]["ddpm"]
+    record = json.loads((tmp_path / "eval2" / "sealdiff.json").read_text())
+    row = record["per_sampler"]["ddpm"]
     assert row["attack"] is None and row["collapse"] > 0.5 and row["reference"] is None
+    assert record["trigger"]["sha256"] == directory_sha256(scan) and record["trigger"]["target_known"] is False
     assert directory_sha256(M.ASSETS) == before
 
     capsys.readouterr()

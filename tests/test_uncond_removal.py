@@ -181,7 +181,7 @@ def test_cli_scan_then_remove_writes_a_loadable_model(tmp_path):
     assert repaired.kind == "ddpm"
     info = json.loads((out / "sealdiff.json").read_text())
     assert info["defense"] == "diff-cleanse-prune" and info["trigger"]["source"] == "file" and info["device"] == "cpu"
-    assert info["parent"]["sha256"] == before
+    assert info["parent"]["sha256"] == before and info["trigger"]["sha256"] == directory_sha256(scan)
     assert info["measured"]["before"]["attack_success"] >= 0.9
     assert info["measured"]["after"]["attack_success"] < info["measured"]["before"]["attack_success"]
     assert torch.equal(load_trigger(scan)[0], __import__("safetensors.torch", fromlist=["load_file"]).load_file(

@@ -107,6 +107,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.defenses import uncond as U
     from sealdiff.detection import get_detector, load_for_scan
     from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
+    from sealdiff.metrics.utility import path_sha256
     from sealdiff.models.uncond import save_uncond
     from sealdiff.report.images import removal_grid_name, save_grid
 
@@ -130,7 +131,8 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     trigger_info: dict[str, Any]
     if trigger_file is not None:
         trigger, noise_scale = U.load_trigger(trigger_file)
-        trigger_info = {"source": "file", "path": str(trigger_file), "noise_scale": noise_scale}
+        trigger_info = {"source": "file", "path": str(trigger_file), "sha256": path_sha256(trigger_file),
+                        "noise_scale": noise_scale}
     else:
         scan = get_detector(detector_name).make(seed=getattr(cfg, "seed", 0)).scan(uncond)
         trigger, noise_scale = scan.trigger, scan.noise_scale

@@ -188,7 +188,8 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     from sealdiff.detection import load_for_scan
     from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, to_jsonable, write_run_info
     from sealdiff.metrics import uncond as metrics
-    from sealdiff.report.images import sampler_grid_name, save_grid
+    from sealdiff.metrics.utility import path_sha256
+    from sealdiff.report.images import save_sampler_grids
 
     if steps is not None and steps < 1:
         raise SealdiffError(f"--steps {steps} is invalid; valid: an integer >= 1")
@@ -208,7 +209,7 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     backdoor, trigger_info = None, None
     if trigger_file is not None:
         backdoor = read_sampling_trigger(trigger_file)
-        trigger_info = {"source": "file", "path": str(trigger_file)}
+        trigger_info = {"source": "file", "path": str(trigger_file), "sha256": path_sha256(trigger_file)}
     elif (directory / metrics.TRIGGER_FILE).is_file():
         backdoor = metrics.read_backdoor(directory)
         trigger_info = {"source": "the model's attack record"}
@@ -224,9 +225,7 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     if output is not None:
         grid_count = min(EVAL_GRID_COUNT, count)
         with atomic_output_dir(output, overwrite, inputs) as staging:
-            for s, sets in images.items():
-                for image_set, samples in sets.items():
-                    save_grid((samples[:grid_count] + 1) / 2, staging / sampler_grid_name(s, image_set))
+            save_sampler_grids(images, staging, grid_count)
             write_run_info(staging, command="eval", model_kind=uncond.kind, device=str(uncond.device),
                            grids={"count": grid_count, "samplers": list(images), "sets": list(images[samplers[0]])},
                            **record)

@@ -227,7 +227,7 @@ def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: st
 
     from sealdiff.defenses.uncond import save_trigger
     from sealdiff.io import to_jsonable, write_run_info
-    from sealdiff.report.images import save_grid, sampler_grid_name
+    from sealdiff.report.images import save_sampler_grids
 
     directory = Path(directory)
     summary = to_jsonable(result.to_dict())
@@ -235,9 +235,7 @@ def write_scan(result: ScanResult, directory, model_spec: str, parent_sha256: st
     save_trigger(result.trigger, directory, metadata={"source": TRIGGER_SOURCE, "method": result.method,
                                                       "parent_sha256": parent_sha256,
                                                       "noise_scale": repr(float(result.noise_scale))})
-    for sampler, sets in (grids or {}).items():
-        for image_set, images in sets.items():
-            save_grid((images + 1) / 2, directory / sampler_grid_name(sampler, image_set))
+    save_sampler_grids(grids or {}, directory)
     write_run_info(directory, command="scan", method=result.method, config=result.config, seed=result.config["seed"],
                    model_kind=model_kind, device=str(device), parent={"path": str(model_spec), "sha256": parent_sha256},
                    grids={"count": len(next(iter(grids.values()))["inverted"]), "samplers": list(grids)} if grids else None,

@@ -41,6 +41,14 @@ def sampler_grid_name(sampler: str, image_set: str) -> str:
     return f"grid_{sampler}_{image_set}.png"
 
 
+def save_sampler_grids(grids: dict[str, dict[str, torch.Tensor]], directory: str | Path,
+                       count: int | None = None) -> None:
+    """Each sampler's image sets (images in [-1, 1]; the first `count` of each) as `sampler_grid_name` PNGs."""
+    for sampler, sets in grids.items():
+        for image_set, images in sets.items():
+            save_grid((images[:count] + 1) / 2, Path(directory) / sampler_grid_name(sampler, image_set))
+
+
 def data_uri(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
