@@ -407,6 +407,31 @@ def test_cli_scan_writes_verdict_trigger_and_run_info(tmp_path):
     assert main(["scan", str(model), "-o", str(out)]) == 2  # exists, no --overwrite
 
 
+def test_cli_scan_all_runs_every_detector_into_its_own_folder(tmp_path):
+    """`--method all`: one scan per detector in OUTPUT/METHOD/, each configured by its section of the config file
+    (flags win over the file), and the report takes them side by side."""
+    from sealdiff.detection import DETECTORS
+
+    model = M.ASSETS / "backdoored"
+    tiny = {"epochs": 2, "fine_epochs": 2, "restarts": 2, "samples": 8, "sample_steps": 5}
+    sections = {"elijah": tiny | {"epochs": 50}, "diffdefend": tiny | {"threshold": 0.01},
+                "diff-cleanse": {"start_restarts": 2, "start_epochs": 2, "epochs": 2, "batch": 4, "grad_steps": 3,
+                                 "samples": 8, "sample_steps": 5}}
+    cfg = tmp_path / "all.json"
+    cfg.write_text(json.dumps(sections))
+    out = tmp_path / "scans"
+    assert main(["scan", str(model), "-o", str(out), "--method", "all", "--config", str(cfg), "--epochs", "2",
+                 "--seed", "3"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(DETECTORS)
+    for name in DETECTORS:
+        info = json.loads((out / name / "sealdiff.json").read_text())
+        assert info["method"] == name and info["config"]["seed"] == 3 and info["config"]["epochs"] == 2
+        assert (out / name / "trigger.safetensors").is_file() and (out / name / "grid_ddpm_inverted.png").is_file()
+    assert json.loads((out / "diffdefend" / "scan.json").read_text())["threshold"] == 0.01
+    assert main(["report", *(str(out / name) for name in DETECTORS), "-o", str(tmp_path / "scans.html")]) == 0
+    assert (tmp_path / "scans.html").read_text().count("<b>") >= len(DETECTORS)  # a verdict per scan
+
+
 def _one_line(code: int, err: str) -> None:
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -416,6 +441,13 @@ def _one_line(code: int, err: str) -> None:
 @pytest.mark.parametrize("args, message", [
     (lambda t: ["scan", str(t / "missing"), "-o", str(t / "o")], "does not exist"),
     (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--method", "nope"], "valid: elijah"),
+    (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--method", "all", "--threshold", "0.3"],
+     "set it per method"),
+    (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--method", "all", "--sampler", "ddpm"],
+     "--sampler applies to elijah and diffdefend"),
+    (lambda t: ((t / "all.json").write_text('{"elijahh": {}}'),
+                ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--method", "all", "--config",
+                 str(t / "all.json")])[1], "unknown ['elijahh']; valid: elijah, diff-cleanse, diffdefend"),
     (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--sampler", "sde-ve"], "does not apply"),
     (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(t / "o"), "--epochs", "0"], "epochs"),
     (lambda t: ["scan", str(M.ASSETS / "backdoored"), "-o", str(M.ASSETS / "backdoored" / "x")], "overwrite the input"),
