@@ -119,12 +119,12 @@ def refuse_text_to_image_flags(directory: Path, flags: dict, accepted: str) -> N
                             f"{verb} to text-to-image models; an unconditional model takes {accepted}")
 
 
-def read_sampling_trigger(path: Path):
-    """The trigger `sealdiff generate --trigger-file` stamps: a scan's inverted one (target unknown) or an attack's
-    recorded one, from either output folder or its trigger.safetensors."""
+def read_sampling_trigger(path: Path, model):
+    """The trigger `generate` / `eval --trigger-file` stamps, checked against `model`'s x_T: a scan's inverted one
+    (target unknown) or an attack's recorded one, from either output folder or its trigger.safetensors."""
     from safetensors import safe_open
 
-    from sealdiff.defenses.uncond import TRIGGER_FILE, load_trigger
+    from sealdiff.defenses.uncond import TRIGGER_FILE, check_trigger, load_trigger
     from sealdiff.detection import TRIGGER_SOURCE
     from sealdiff.metrics.uncond import Backdoor, read_backdoor
 
@@ -143,8 +143,11 @@ def read_sampling_trigger(path: Path):
                             "gamma)")
     if inverted:
         trigger, gamma = load_trigger(file)
-        return Backdoor(trigger=trigger, target=None, gamma=gamma)
-    return read_backdoor(file)
+        backdoor = Backdoor(trigger=trigger, target=None, gamma=gamma)
+    else:
+        backdoor = read_backdoor(file)
+    backdoor.trigger = check_trigger(model, backdoor.trigger, backdoor.gamma)
+    return backdoor
 
 
 def generate_uncond(model: str, output: Path, count: int, sampler: Optional[str], steps: Optional[int], seed: int,
@@ -152,7 +155,6 @@ def generate_uncond(model: str, output: Path, count: int, sampler: Optional[str]
     """`sealdiff generate` for an unconditional model: `count` samples as one grid PNG, image i from the i-th draw of
     seed `seed` (`metrics.uncond.generate`), the noise stamped with `trigger_file`'s trigger when given."""
     from sealdiff.cli.remove_uncond import MEASURE_STEPS
-    from sealdiff.defenses.uncond import check_trigger
     from sealdiff.detection import load_for_scan
     from sealdiff.detection.common import default_sampler
     from sealdiff.io import atomic_output_file
@@ -163,10 +165,7 @@ def generate_uncond(model: str, output: Path, count: int, sampler: Optional[str]
     uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
     sampler = sampler or default_sampler(uncond)
     check_sampler(uncond.kind, sampler)
-    backdoor = None
-    if trigger_file is not None:
-        backdoor = read_sampling_trigger(trigger_file)
-        backdoor.trigger = check_trigger(uncond, backdoor.trigger, backdoor.gamma)
+    backdoor = read_sampling_trigger(trigger_file, uncond) if trigger_file is not None else None
     images = generate(uncond, count, sampler, steps or MEASURE_STEPS[sampler], seed, backdoor)
     inputs = [directory] + ([trigger_file] if trigger_file is not None else [])
     with atomic_output_file(output, overwrite, inputs) as staging:
@@ -184,7 +183,6 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     unknown), the samples' collapse under it, and MSE / SSIM to `reference`'s samples from the same noise. Writes
     `output`/sealdiff.json and grid_SAMPLER_SET.png when given; returns the record."""
     from sealdiff.cli.remove_uncond import MEASURE_STEPS, measured_samplers
-    from sealdiff.defenses.uncond import check_trigger
     from sealdiff.detection import load_for_scan
     from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, to_jsonable, write_run_info
     from sealdiff.metrics import uncond as metrics
@@ -208,13 +206,12 @@ def evaluate_uncond(model: str, output: Optional[Path], count: int, sampler: Opt
     samplers = measured_samplers(uncond, directory, sampler)
     backdoor, trigger_info = None, None
     if trigger_file is not None:
-        backdoor = read_sampling_trigger(trigger_file)
+        backdoor = read_sampling_trigger(trigger_file, uncond)
         trigger_info = {"source": "file", "path": str(trigger_file), "sha256": path_sha256(trigger_file)}
     elif (directory / metrics.TRIGGER_FILE).is_file():
-        backdoor = metrics.read_backdoor(directory)
+        backdoor = read_sampling_trigger(directory, uncond)
         trigger_info = {"source": "the model's attack record"}
     if backdoor is not None:
-        backdoor.trigger = check_trigger(uncond, backdoor.trigger, backdoor.gamma)
         trigger_info |= {"noise_scale": backdoor.gamma, "target_known": backdoor.target is not None}
     rows, images = metrics.evaluate(uncond, samplers, {s: steps or MEASURE_STEPS[s] for s in samplers}, count,
                                     backdoor, ref, seed)

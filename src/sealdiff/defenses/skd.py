@@ -37,6 +37,7 @@ from sealdiff.config import check_choice, help_field
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
+from sealdiff.models.loading import resolve_device
 from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, prediction_target, progress_bar,
                                rng_state, sample_noise, set_rng_state, tokenize, trainable_state)
 
@@ -358,13 +359,6 @@ def _capture(modules: dict[str, Any]) -> Iterator[AttentionStore]:
             module.set_processor(previous[name])
 
 
-def _has_accelerator() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 def _first(maps: dict[str, torch.Tensor] | None, count: int) -> dict[str, torch.Tensor] | None:
     """The maps of the first `count` samples of a batch (the rest belong to L_retain's prompts)."""
     return None if maps is None else {name: m[:count] for name, m in maps.items()}
@@ -538,7 +532,7 @@ class SelfKnowledgeDistillation:
             launched = int(os.environ.get("WORLD_SIZE", "1"))
             # Accelerate only sets up a gloo (MULTI_CPU) process group when told `cpu`; without it a
             # `accelerate launch --multi_gpu` on a machine with no accelerator gives N independent runs.
-            cpu = self.config.cpu or (launched > 1 and not _has_accelerator())
+            cpu = self.config.cpu or (launched > 1 and resolve_device("auto").type == "cpu")
             self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision)
             if launched > 1 and self._accelerator.num_processes != launched:
                 logger.warning("launched as %d processes but accelerate runs %d (%s)", launched,
