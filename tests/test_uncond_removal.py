@@ -135,6 +135,33 @@ def test_pruning_importance_stamps_the_trigger_on_scaled_noise(backdoored):
     assert not torch.allclose(losses[1.0], losses[0.6])
 
 
+def test_chain_importance_loss_follows_the_poisoned_forward_process(backdoored):
+    """`importance_levels='chain'`: L_b = ‖ε̂(x_t + c_t·τ, t) − ε̂(x_t, t)‖², x_t = a_t·x0 + γ·b_t·ε at t in
+    [low, 1]·T, recomputed here from the formula (γ < 1: TrojDiff's scaled noise)."""
+    bank = torch.rand(8, *backdoored.sample_shape) * 2 - 1
+    trigger = M.trigger()
+    for gamma in (1.0, 0.6):
+        gen = torch.Generator().manual_seed(5)
+        idx = torch.randint(0, len(bank), (4,), generator=gen)
+        noise = torch.randn(bank[idx].shape, generator=gen)
+        fracs = 0.9 + 0.1 * torch.rand(4, generator=gen)
+        with torch.no_grad():
+            expected = 0.0
+            for i, frac in enumerate(fracs):
+                lv = C.level(backdoored, float(frac))
+                x_t = lv.a * bank[idx[i]:idx[i] + 1] + gamma * lv.b * noise[i:i + 1]
+                stamped = x_t + (1 - lv.a) * trigger
+                expected += (C.eps_pred(backdoored, backdoored.unet, stamped, lv)
+                             - C.eps_pred(backdoored, backdoored.unet, x_t, lv)).pow(2).mean() / 4
+            got = P.chain_backdoor_loss(backdoored, backdoored.unet, trigger, bank, 4,
+                                        torch.Generator().manual_seed(5), low=0.9, gamma=gamma)
+        assert torch.allclose(got, expected, rtol=1e-4), (gamma, got, expected)
+    with pytest.raises(SealdiffError, match="importance_levels"):
+        get_defense("diff-cleanse-prune").make_config(importance_levels="all")
+    with pytest.raises(SealdiffError, match="importance_low"):
+        get_defense("diff-cleanse-prune").make_config(importance_low=1.0)
+
+
 def test_trigger_file_keeps_the_noise_scale(tmp_path):
     """A scan of a scaled-noise (TrojDiff-style) trigger writes its γ; removal reads it back with the trigger."""
     from sealdiff.detection import ScanResult, write_scan

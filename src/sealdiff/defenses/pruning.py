@@ -5,7 +5,9 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
 
 1. Backdoor loss L_b = ‖ε_θ(γ·s·ε + τ, T) − sg[ε_θ(γ·s·ε, T)]‖² (how far τ moves the prediction; sg = no
    gradient; γ = 1 unless BBTI found a trojan input γ·ε + τ)
-   and clean loss L_c = the denoising loss on model-generated samples (no real data needed).
+   and clean loss L_c = the denoising loss on model-generated samples (no real data needed). With
+   `importance_levels='chain'` (as the public code, which sums over t ∈ [0.9, 1]·T) L_b is taken along the poisoned
+   forward process instead: ‖ε_θ(x_t + c_t·τ, t) − sg[ε_θ(x_t, t)]‖², x_t noised from generated images.
 2. First-order Taylor importance of every output channel c of every prunable Conv2d / Linear layer:
    I(c) = Σ_{w in channel c} |w · ∂L/∂w| (summed over `importance_batches` batches), once for L_b and once for L_c.
 3. Score by the rule `importance` (named option): `ratio` (default) = I_b/(I_c + ε) (channels that matter for the
@@ -36,6 +38,7 @@ from sealdiff.errors import SealdiffError
 logger = logging.getLogger(__name__)
 
 ImportanceRule = Literal["difference", "backdoor", "ratio"]
+ImportanceLevels = Literal["last", "chain"]
 # layers never pruned: the UNet's input/output convolutions (pruning them removes image channels)
 NEVER_PRUNED = ("conv_in", "conv_out")
 
@@ -48,6 +51,11 @@ class PruningConfig:
     importance: ImportanceRule = help_field("ratio: I_b/(I_c+ε); difference: I_b/ΣI_b − I_c/ΣI_c; backdoor: I_b",
                                             default="ratio")
     importance_batches: int = help_field("batches the Taylor importance is summed over", default=4)
+    importance_levels: ImportanceLevels = help_field(
+        "where L_b is taken: last = at T on stamped noise; chain = on the poisoned forward process "
+        "x_t + c_t·τ of generated images at t in [importance_low, 1]·T (the public code's range)", default="last")
+    importance_low: float = help_field("importance_levels=chain: lowest schedule fraction (public code: 0.9)",
+                                       default=0.9)
     steps: int = help_field("fine-tuning steps after pruning (0: prune only)", default=100)
     batch: int = help_field("samples per importance batch and fine-tuning step", default=16)
     lr: float = help_field("AdamW learning rate of the fine-tuning", default=2e-4)
@@ -66,6 +74,9 @@ class PruningConfig:
         if not 0.0 < self.ratio < 0.5:
             raise SealdiffError(f"ratio {self.ratio} is invalid; valid: 0 < ratio < 0.5 (paper: 0.01-0.02)")
         check_choice("importance", self.importance, ImportanceRule)
+        check_choice("importance_levels", self.importance_levels, ImportanceLevels)
+        if not 0.0 <= self.importance_low < 1.0:
+            raise SealdiffError(f"importance_low {self.importance_low} is invalid; valid: 0 <= value < 1")
         if self.distill_weight < 0:
             raise SealdiffError(f"distill_weight {self.distill_weight} is invalid; valid: a number >= 0")
 
@@ -100,6 +111,19 @@ def backdoor_loss(model, unet, trigger: torch.Tensor, batch: int, generator: tor
     return (C.eps_pred(model, unet, noise + trigger, last) - clean).pow(2).mean()
 
 
+def chain_backdoor_loss(model, unet, trigger: torch.Tensor, bank: torch.Tensor, batch: int,
+                        generator: torch.Generator, low: float, gamma: float = 1.0) -> torch.Tensor:
+    """‖ε_θ(x_t + c_t·τ, t) − sg[ε_θ(x_t, t)]‖² with x_t = a_t·x0 + γ·b_t·ε on generated x0 and t in [low, 1]·T:
+    the trigger's pull along the poisoned forward process (c_t: BadDiffusion's 1 − √ᾱ_t; 1 at T)."""
+    idx = torch.randint(0, len(bank), (batch,), generator=generator)
+    noise = gamma * torch.randn(bank[idx].shape, generator=generator)
+    levels = U.sample_levels(model, batch, generator, low=low)
+    x_t = U.noised(levels, bank[idx], noise)
+    with torch.no_grad():
+        clean = U.per_sample_eps(model, unet, x_t, levels)
+    return (U.per_sample_eps(model, unet, x_t + U.shifts(model, levels) * trigger, levels) - clean).pow(2).mean()
+
+
 def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningConfig, gamma: float = 1.0
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(backdoor, clean) Taylor importance per output channel of every prunable layer."""
@@ -112,8 +136,12 @@ def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningCon
     for _ in range(cfg.importance_batches):
         for kind in ("backdoor", "clean"):
             unet.zero_grad(set_to_none=True)
-            loss = backdoor_loss(model, unet, trigger, cfg.batch, gen, gamma) if kind == "backdoor" else \
-                U.clean_loss(model, unet, bank, cfg.batch, gen)
+            if kind == "clean":
+                loss = U.clean_loss(model, unet, bank, cfg.batch, gen)
+            elif cfg.importance_levels == "chain":
+                loss = chain_backdoor_loss(model, unet, trigger, bank, cfg.batch, gen, cfg.importance_low, gamma)
+            else:
+                loss = backdoor_loss(model, unet, trigger, cfg.batch, gen, gamma)
             loss.backward()
             for name, score in channel_taylor(layers).items():
                 totals[kind][name] += score
