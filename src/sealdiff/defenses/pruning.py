@@ -34,12 +34,13 @@ from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
-from sealdiff.models.uncond import placement
 
 logger = logging.getLogger(__name__)
 
 ImportanceRule = Literal["difference", "backdoor", "ratio"]
 ImportanceLevels = Literal["last", "chain"]
+# layers never pruned: the UNet's input/output convolutions (pruning them removes image channels)
+NEVER_PRUNED = ("conv_in", "conv_out")
 
 
 @dataclass
@@ -80,108 +81,23 @@ class PruningConfig:
             raise SealdiffError(f"distill_weight {self.distill_weight} is invalid; valid: a number >= 0")
 
 
-@dataclass(frozen=True)
-class Slice:
-    """One parameter's share of a coupled channel: `param[index]` along `dim` (0: an output channel of a Conv2d /
-    Linear or a norm's affine entry; 1: an input channel of a Conv2d / Linear)."""
-
-    param: str  # the parameter's name in the UNet, e.g. "down_blocks.0.resnets.0.conv1.weight"
-    dim: int
+def prunable_layers(unet: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d layers whose output channels may be pruned (all but the UNet's input and output convolutions)."""
+    return {name: m for name, m in unet.named_modules()
+            if isinstance(m, nn.Conv2d) and name not in NEVER_PRUNED}
 
 
-def channel_groups(model) -> dict[str, list[tuple[Slice, list[int], list[int]]]]:
-    """The UNet's coupled channel groups, from torch_pruning's dependency graph (as the public Diff-Cleanse code prunes):
-    pruning channel c of a Conv2d's output also removes what reads or must match it — the time-embedding projection
-    added to it, the norm after it, the input channel of the next layers, and, in a residual stream, every layer that
-    writes into or reads that stream channel. {root layer: [(slice, member indices, root channels), ...]}: the
-    member index idx[k] belongs to the root's channel root[k]. Every Conv2d but `conv_out` (image channels) roots a group."""
-    import torch_pruning as tp
-
-    unet = model.unet
-    device, dtype = placement(unet)
-    sample = torch.zeros(1, *model.sample_shape, device=device, dtype=dtype)
-    timestep = torch.ones(1, device=device, dtype=dtype if model.kind == "ncsn" else torch.long)
-    grad = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(True)  # the graph is traced through autograd
-    try:
-        graph = tp.DependencyGraph().build_dependency(unet, example_inputs={"sample": sample, "timestep": timestep})
-        raw = list(graph.get_all_groups(ignored_layers=[unet.conv_out], root_module_types=[nn.Conv2d]))
-    finally:
-        for p, g in zip(unet.parameters(), grad):
-            p.requires_grad_(g)
-    names = {m: n for n, m in unet.named_modules()}
-    groups = {}
-    for group in raw:
-        members = []
-        for item in group:
-            module = item.dep.target.module
-            if module not in names or not isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
-                continue  # graph-only nodes (additions, concatenations, activations) hold no weights
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise SealdiffError(f"{names[module]} is a grouped convolution; channel pruning supports groups=1 only")
-            out = graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(module, (nn.Conv2d, nn.Linear))
-            idxs, roots = [int(i) for i in item.idxs], [int(i) for i in item.root_idxs]
-            for kind in ("weight", "bias"):
-                if getattr(module, kind, None) is not None and (out or kind == "weight"):
-                    members.append((Slice(f"{names[module]}.{kind}", 0 if out else 1), idxs, roots))
-        groups[names[group[0].dep.target.module]] = members
-    return groups
-
-
-def group_taylor(unet: nn.Module, groups) -> dict[str, torch.Tensor]:
-    """Σ|w·∂L/∂w| per channel of every group, over all its members' slices, from the gradients in `.grad`."""
-    params = dict(unet.named_parameters())
+def channel_taylor(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Σ|w·∂L/∂w| per output channel (weight and bias) from the gradients currently in `.grad`."""
     out = {}
-    for root, members in groups.items():
-        score = torch.zeros(params[f"{root}.weight"].shape[0], dtype=torch.float64)
-        for sl, idxs, roots in members:
-            p = params[sl.param]
-            if p.grad is None:
-                continue
-            taylor = (p.detach() * p.grad).abs().double().movedim(sl.dim, 0)
-            taylor = taylor.reshape(taylor.shape[0], -1).sum(1).cpu()
-            score.index_add_(0, torch.tensor(roots), taylor[idxs])
-        out[root] = score
+    for name, m in layers.items():
+        score = torch.zeros(m.weight.shape[0], dtype=torch.float64)
+        for p in (m.weight, m.bias):
+            if p is not None and p.grad is not None:
+                score += (p.detach() * p.grad).abs().double().flatten(1).sum(1) if p.dim() > 1 else \
+                    (p.detach() * p.grad).abs().double()
+        out[name] = score.cpu()
     return out
-
-
-def channel_masks(unet: nn.Module, groups, pruned: dict[str, list[int]]) -> dict[str, dict[int, list[int]]]:
-    """{parameter: {dim: [indices]}}: every slice that the pruned group channels take out."""
-    masked: dict[str, dict[int, set[int]]] = {}
-    for root, channels in pruned.items():
-        chosen = set(channels)
-        for sl, idxs, roots in groups[root]:
-            hit = {i for i, r in zip(idxs, roots) if r in chosen}
-            if hit:
-                masked.setdefault(sl.param, {}).setdefault(sl.dim, set()).update(hit)
-    return {name: {dim: sorted(idx) for dim, idx in dims.items()} for name, dims in sorted(masked.items())}
-
-
-@torch.no_grad()
-def apply_masks(unet: nn.Module, masked: dict[str, dict[int, list[int]]]) -> None:
-    """Zero every masked slice."""
-    params = dict(unet.named_parameters())
-    for name, dims in masked.items():
-        for dim, idx in dims.items():
-            params[name].index_fill_(int(dim), torch.tensor(idx, device=params[name].device), 0)
-
-
-def masked_count(unet: nn.Module, masked: dict[str, dict[int, list[int]]]) -> int:
-    """How many scalars the masks zero (slices overlapping along two dims counted once)."""
-    params = dict(unet.named_parameters())
-    total = 0
-    for name, dims in masked.items():
-        mask = torch.ones(params[name].shape, dtype=torch.bool)
-        for dim, idx in dims.items():
-            mask.index_fill_(int(dim), torch.tensor(idx), False)
-        total += int((~mask).sum())
-    return total
-
-
-def masked_slices_are_zero(unet: nn.Module, masked: dict[str, dict[int, list[int]]]) -> bool:
-    params = dict(unet.named_parameters())
-    return all(bool((params[name].index_select(int(dim), torch.tensor(idx, device=params[name].device)) == 0).all())
-               for name, dims in masked.items() for dim, idx in dims.items())
 
 
 def backdoor_loss(model, unet, trigger: torch.Tensor, batch: int, generator: torch.Generator,
@@ -208,11 +124,13 @@ def chain_backdoor_loss(model, unet, trigger: torch.Tensor, bank: torch.Tensor, 
     return (U.per_sample_eps(model, unet, x_t + U.shifts(model, levels) * trigger, levels) - clean).pow(2).mean()
 
 
-def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningConfig, groups, gamma: float = 1.0
+def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningConfig, gamma: float = 1.0
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(backdoor, clean) Taylor importance per channel of every coupled channel group (`channel_groups`)."""
+    """(backdoor, clean) Taylor importance per output channel of every prunable layer."""
     unet = model.unet
-    totals = {kind: {root: 0.0 for root in groups} for kind in ("backdoor", "clean")}
+    layers = prunable_layers(unet)
+    totals = {"backdoor": {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in layers.items()},
+              "clean": {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in layers.items()}}
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     unet.requires_grad_(True)
     for _ in range(cfg.importance_batches):
@@ -225,8 +143,8 @@ def importance(model, trigger: torch.Tensor, bank: torch.Tensor, cfg: PruningCon
             else:
                 loss = backdoor_loss(model, unet, trigger, cfg.batch, gen, gamma)
             loss.backward()
-            for root, score in group_taylor(unet, groups).items():
-                totals[kind][root] = totals[kind][root] + score
+            for name, score in channel_taylor(layers).items():
+                totals[kind][name] += score
     unet.zero_grad(set_to_none=True)
     return totals["backdoor"], totals["clean"]
 
@@ -257,6 +175,24 @@ def select_channels(scores: dict[str, torch.Tensor], ratio: float) -> dict[str, 
     return {name: sorted(idx) for name, idx in sorted(chosen.items())}
 
 
+@torch.no_grad()
+def apply_masks(unet: nn.Module, pruned: dict[str, list[int]]) -> None:
+    """Zero the weights and biases of the pruned output channels."""
+    modules = dict(unet.named_modules())
+    for name, channels in pruned.items():
+        m = modules[name]
+        m.weight[channels] = 0
+        if m.bias is not None:
+            m.bias[channels] = 0
+
+
+def pruned_channels_are_zero(unet: nn.Module, pruned: dict[str, list[int]]) -> bool:
+    modules = dict(unet.named_modules())
+    return all(bool((modules[n].weight[c] == 0).all()) and (modules[n].bias is None or
+                                                            bool((modules[n].bias[c] == 0).all()))
+               for n, c in pruned.items())
+
+
 class DiffCleansePruning:
     __doc__ = __doc__
     name = "diff-cleanse-prune"
@@ -271,22 +207,21 @@ class DiffCleansePruning:
         unet = model.unet
         unpruned = C.frozen_copy(unet)
         bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
-        groups = channel_groups(model)
-        imp_b, imp_c = importance(model, trigger, bank, cfg, groups, noise_scale)
+        imp_b, imp_c = importance(model, trigger, bank, cfg, noise_scale)
         pruned = select_channels(channel_scores(imp_b, imp_c, cfg.importance), cfg.ratio)
-        masked = channel_masks(unet, groups, pruned)
-        apply_masks(unet, masked)
-        total = sum(len(v) for v in imp_b.values())
+        apply_masks(unet, pruned)
+        total = sum(m.weight.shape[0] for m in prunable_layers(unet).values())
         count = sum(map(len, pruned.values()))
-        logger.info("pruned %d of %d group channels (%.2f %%) in %d groups, %d parameters zeroed", count, total,
-                    100 * count / total, len(pruned), masked_count(unet, masked))
-        params = dict(unet.named_parameters())
+        logger.info("pruned %d of %d channels (%.2f %%) in %d layers", count, total, 100 * count / total, len(pruned))
+        modules = dict(unet.named_modules())
         masks = {}
-        for name, dims in masked.items():
-            mask = torch.ones_like(params[name])
-            for dim, idx in dims.items():
-                mask.index_fill_(int(dim), torch.tensor(idx, device=mask.device), 0)
-            masks[params[name]] = mask
+        for name, channels in pruned.items():
+            m = modules[name]
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    mask = torch.ones_like(p)
+                    mask[channels] = 0
+                    masks[p] = mask
         handles = [p.register_hook(lambda g, mask=mask: g * mask) for p, mask in masks.items()]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -298,12 +233,11 @@ class DiffCleansePruning:
 
         try:
             losses, seconds = U.fine_tune(unet, "Diff-Cleanse fine-tuning", cfg.steps, cfg.lr, loss, cfg.progress,
-                                          after_step=lambda: apply_masks(unet, masked))
+                                          after_step=lambda: apply_masks(unet, pruned))
         finally:
             for h in handles:
                 h.remove()
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet),
                                      extra={"pruned": pruned, "pruned_channels": count, "prunable_channels": total,
-                                            "pruned_fraction": count / total, "masked": masked,
-                                            "zeroed_parameters": masked_count(unet, masked)})
+                                            "pruned_fraction": count / total})
