@@ -8,7 +8,7 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
    and clean loss L_c = the denoising loss on model-generated samples (no real data needed). With
    `importance_levels='chain'` (as the public code, which sums over t ∈ [0.9, 1]·T) L_b is taken along the poisoned
    forward process instead: ‖ε_θ(x_t + c_t·τ, t) − sg[ε_θ(x_t, t)]‖², x_t noised from generated images.
-2. First-order Taylor importance of every output channel c of every prunable Conv2d / Linear layer:
+2. First-order Taylor importance of every output channel c of every Conv2d but `conv_in` / `conv_out`:
    I(c) = Σ_{w in channel c} |w · ∂L/∂w| (summed over `importance_batches` batches), once for L_b and once for L_c.
 3. Score by the rule `importance` (named option): `ratio` (default) = I_b/(I_c + ε) (channels that matter for the
    backdoor much more than for clean generation); `difference` = I_b/ΣI_b − I_c/ΣI_c; `backdoor` = I_b alone.
@@ -16,6 +16,8 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
    `difference` and removed TrojDiff, which `difference` (the default until 2026-12-05) did not (README).
 4. Prune the top `ratio` (1–2 %) of channels: their weights and biases are set to zero (masking, not removing:
    the model keeps its architecture, saves as a stock `UNet2DModel` with safetensors, and the zeros stay zeros).
+   These are filter masks: a ResNet block's first convolution's masked channel still receives the time embedding
+   and its norm's bias (structural pruning of the whole coupled group measured worse on the zoo: README).
 5. Fine-tune with L_c + w·distillation from the unpruned model (‖ε_θ(x_t, t) − ε_unpruned(x_t, t)‖² on clean x_t);
    gradients of pruned weights are masked and the zeros re-applied after every step, so pruned channels stay pruned.
 """
@@ -115,10 +117,10 @@ def chain_backdoor_loss(model, unet, trigger: torch.Tensor, bank: torch.Tensor, 
                         generator: torch.Generator, low: float, gamma: float = 1.0) -> torch.Tensor:
     """‖ε_θ(x_t + c_t·τ, t) − sg[ε_θ(x_t, t)]‖² with x_t = a_t·x0 + γ·b_t·ε on generated x0 and t in [low, 1]·T:
     the trigger's pull along the poisoned forward process (c_t: BadDiffusion's 1 − √ᾱ_t; 1 at T)."""
-    idx = torch.randint(0, len(bank), (batch,), generator=generator)
-    noise = gamma * torch.randn(bank[idx].shape, generator=generator)
+    x0 = bank[torch.randint(0, len(bank), (batch,), generator=generator)]
+    noise = gamma * torch.randn(x0.shape, generator=generator)
     levels = U.sample_levels(model, batch, generator, low=low)
-    x_t = U.noised(levels, bank[idx], noise)
+    x_t = U.noised(levels, x0, noise)
     with torch.no_grad():
         clean = U.per_sample_eps(model, unet, x_t, levels)
     return (U.per_sample_eps(model, unet, x_t + U.shifts(model, levels) * trigger, levels) - clean).pow(2).mean()
