@@ -156,6 +156,17 @@ def test_chain_importance_loss_follows_the_poisoned_forward_process(backdoored):
             got = P.chain_backdoor_loss(backdoored, backdoored.unet, trigger, bank, 4,
                                         torch.Generator().manual_seed(5), low=0.9, gamma=gamma)
         assert torch.allclose(got, expected, rtol=1e-4), (gamma, got, expected)
+    # and `importance` scores the channels with it when asked: its first batch is this loss's Taylor terms
+    model = copy.deepcopy(backdoored)
+    cfg = get_defense("diff-cleanse-prune").make_config(importance_levels="chain", importance_low=0.5,
+                                                        importance_batches=1, batch=4, progress=False)
+    scored, _ = P.importance(model, trigger, bank, cfg)
+    layers = P.prunable_layers(model.unet)
+    model.unet.zero_grad(set_to_none=True)
+    P.chain_backdoor_loss(model, model.unet, trigger, bank, 4, torch.Generator().manual_seed(cfg.seed + 7),
+                          low=0.5).backward()
+    for name, taylor in P.channel_taylor(layers).items():
+        assert torch.allclose(scored[name], taylor), name
     with pytest.raises(SealdiffError, match="importance_levels"):
         get_defense("diff-cleanse-prune").make_config(importance_levels="all")
     with pytest.raises(SealdiffError, match="importance_low"):
