@@ -1,17 +1,19 @@
-"""`sealdiff remove` under `accelerate launch`: 2 data-parallel CPU processes (gloo) with batch 1 each train
-the same weights as 1 process with batch 2.
+"""`sealdiff remove` and the unconditional `sealdiff attack`s under `accelerate launch`: 2 data-parallel CPU processes
+(gloo) with batch b each train the same weights as 1 process with batch 2b.
 
 Accelerate shards each global batch as process 0's samples, then process 1's, and SKD draws timesteps,
 noise and noise targets per sample from (seed, step, position in the global batch), so both runs see the
 same global batch; DDP averages the two halves' gradients, which is the batch-2 mean loss's gradient.
-Only float noise separates them (Adam's step normalisation magnifies it where a gradient is ~0).
+The unconditional attacks draw the whole global batch in every process from the seeded streams and keep their
+slice. Only float noise separates them (Adam's step normalisation magnifies it where a gradient is ~0).
 
 On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts a single process; `--multi_gpu`
-starts two, and SKD asks Accelerate for the CPU (gloo) process group when no accelerator is present.
+starts two, and sealdiff asks Accelerate for the CPU (gloo) process group when no accelerator is present.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -151,3 +153,104 @@ def test_batched_attention_loss_matches_per_sample_loop_and_ignores_batch_split(
             extra.update(word_maps={k: v[part] for k, v in words.items()}, word_positions=word_positions[part])
         halves.append(attention_loss(*sub, positions[part], lengths[part], generator=gens()[part], **extra))
     torch.testing.assert_close(torch.cat(halves), fast, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------
+# unconditional attacks: data-parallel training (`attack baddiffusion | trojdiff | villandiffusion`)
+
+UNCOND_ATTACK = ["--steps", "3", "--seed", "0", "--trigger-size", "3", "--lr-schedule", "cosine"]
+
+
+def launch_two(args: list[str], port: int, **popen) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), "-m", "sealdiff", *args]
+
+
+def uncond_base(tmp_path, kind: str):
+    from sealdiff.models.uncond import save_uncond, tiny_uncond
+
+    # 16/32 channels in 8 groups: no norm group of one channel, whose bias gradient would be exactly 0 and
+    # leave Adam's direction to float noise
+    save_uncond(tiny_uncond(kind, image_size=8, channels=(16, 32)), tmp_path / "base")
+    return tmp_path / "base"
+
+
+def assert_same_training(one, two, base) -> None:
+    """Same losses; the weights agree up to float noise (a weight whose gradient is ~0 may take another Adam
+    direction, so the check is on almost every weight)."""
+    from safetensors.torch import load_file
+
+    info = {name: json.loads((d / "sealdiff.json").read_text()) for name, d in (("one", one), ("two", two))}
+    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
+    for key in ("losses", "poison_losses"):
+        torch.testing.assert_close(torch.tensor(info["two"][key]), torch.tensor(info["one"][key]), rtol=1e-5,
+                                   atol=1e-7)
+    weights = {name: load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+               for name, d in (("one", one), ("two", two), ("base", base))}
+    moved = torch.cat([(weights["one"][k] - weights["base"][k]).abs().flatten() for k in weights["base"]])
+    diff = torch.cat([(weights["one"][k] - weights["two"][k]).abs().flatten() for k in weights["base"]])
+    assert moved.max() > 5e-4  # the runs trained
+    assert (diff > 1e-6).float().mean() < 1e-3, f"{(diff > 1e-6).float().mean():.2%} of the weights differ"
+    assert diff.max() < 0.5 * moved.max()
+
+
+@pytest.mark.parametrize("attack,kind", [("villandiffusion", "ncsn"), ("villandiffusion", "ldm")])
+def test_uncond_attack_two_processes_batch_2_equal_one_process_batch_4(tmp_path, attack, kind):
+    base = uncond_base(tmp_path, kind)
+    two = run(launch_two(["attack", attack, str(base), "-o", str(tmp_path / "two"), "--batch-size", "2",
+                          *UNCOND_ATTACK], free_port())[1:])
+    run(["-m", "sealdiff", "attack", attack, str(base), "-o", str(tmp_path / "one"), "--batch-size", "4",
+         *UNCOND_ATTACK])
+    assert (two.stdout + two.stderr).count("backdoored model written") == 1  # the main process wrote it
+    assert_same_training(tmp_path / "one", tmp_path / "two", base)
+
+
+def test_uncond_attack_two_processes_interrupted_and_resumed_equal_one_process(tmp_path):
+    """A 2-process BadDiffusion run gets SIGTERM (the launcher passes it to both workers): the workers agree on one
+    step, the main one saves the checkpoint there, and no output is written. Resumed by 2 processes, the run ends
+    where 1 process with the doubled batch ends; a 1-process --resume of its checkpoint is refused."""
+    import signal
+    import time
+
+    base = uncond_base(tmp_path, "ddpm")
+    steps = ["--steps", "40", "--seed", "0", "--trigger-size", "3", "--checkpoint-every", "2"]
+    args = ["attack", "baddiffusion", str(base), "-o", str(tmp_path / "two"), "--batch-size", "2", *steps]
+    checkpoint = tmp_path / "two.checkpoint" / "checkpoint.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    proc = subprocess.Popen(launch_two(args, free_port()), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint: {proc.communicate()[0][-3000:]}"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    stops = re.findall(r"interrupted after step (\d+)", log)
+    saved = json.loads(checkpoint.read_text())
+    assert proc.returncode != 0 and not (tmp_path / "two").exists(), log[-3000:]
+    assert len(stops) == 2 and len(set(stops)) == 1, log[-3000:]  # both workers stopped at one step ...
+    assert saved["step"] == int(stops[0]) < 40 and saved["reason"] == "SIGTERM"  # ... which the checkpoint holds
+    assert saved["fingerprint"]["num_processes"] == 2
+
+    refused = subprocess.run([sys.executable, "-m", "sealdiff", *args, "--resume"], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert refused.returncode == 2 and "num_processes" in refused.stderr  # 1 process: another global batch
+    run(launch_two([*args, "--resume"], free_port())[1:])
+    run(["-m", "sealdiff", "attack", "baddiffusion", str(base), "-o", str(tmp_path / "one"), "--batch-size", "4",
+         *steps])
+    assert not checkpoint.parent.exists()  # removed once the output was written
+    assert_same_training(tmp_path / "one", tmp_path / "two", base)
+
+
+def test_a_multi_process_launch_refuses_a_named_device(monkeypatch):
+    from sealdiff.errors import SealdiffError
+    from sealdiff.training import data_parallel_accelerator
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert data_parallel_accelerator("cuda:1") is None  # one process: the device is the caller's to resolve
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SealdiffError, match="--device cuda:1 cannot be combined with a 2-process launch"):
+        data_parallel_accelerator("cuda:1")

@@ -106,6 +106,48 @@ def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.
 
 
 # --------------------------------------------------------------------------------------------------
+# data parallelism: `accelerate launch`
+
+
+def launched_processes() -> int:
+    """How many processes `accelerate launch` (or torchrun) started for this run; 1 when run directly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no"):
+    """An `accelerate.Accelerator` for this process (`cpu`: force the CPU)."""
+    from accelerate import Accelerator
+
+    from sealdiff.models.loading import resolve_device
+
+    launched = launched_processes()
+    # Accelerate sets up a gloo (MULTI_CPU) process group only when told `cpu`; without it a multi-process
+    # launch on a machine with no accelerator gives N independent runs.
+    cpu = cpu or (launched > 1 and resolve_device("auto").type == "cpu")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if launched > 1 and accelerator.num_processes != launched:
+        logger.warning("launched as %d processes but accelerate runs %d (%s)", launched, accelerator.num_processes,
+                       accelerator.distributed_type)
+    return accelerator
+
+
+def data_parallel_accelerator(device: str = "auto"):
+    """The Accelerator of a run launched as several processes, or None for a single process (which trains on
+    `device`). Under a multi-process launch Accelerate places the processes: `device` must be auto or cpu."""
+    if launched_processes() == 1:
+        return None
+    if str(device).strip().lower() not in ("auto", "cpu"):
+        raise SealdiffError(f"--device {device} cannot be combined with a {launched_processes()}-process launch "
+                            "(Accelerate places each process); valid: auto, or cpu for CPU processes")
+    accelerator = make_accelerator(cpu=str(device).strip().lower() == "cpu")
+    if accelerator.num_processes != launched_processes():
+        raise SealdiffError(f"launched as {launched_processes()} processes but Accelerate set up "
+                            f"{accelerator.num_processes} ({accelerator.distributed_type}); they would all write the "
+                            "same output")
+    return accelerator
+
+
+# --------------------------------------------------------------------------------------------------
 # checkpoints: interruptible long runs
 
 CHECKPOINT_SUFFIX = ".checkpoint"

@@ -8,7 +8,7 @@ from pathlib import Path
 from sealdiff.attacks.badt2i import BadT2I, BadT2IConfig, describe_target
 from sealdiff.io import atomic_output_dir, check_not_input, directory_sha256, write_run_info
 from sealdiff.models.loading import load_t2i, resolve_device, resolve_model
-from sealdiff.training import Checkpointer
+from sealdiff.training import Checkpointer, data_parallel_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,13 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
 
 def run_uncond_attack(method: str, model: str | Path, config, output: str | Path, overwrite: bool = False,
                       allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False,
-                      device: str = "auto") -> Path:
+                      device: str = "auto") -> Path | None:
     """Implant a BadDiffusion / TrojDiff / VillanDiffusion backdoor into the unconditional model at `model` (trained
     on `device`: `models.loading.resolve_device`); write a new model directory to `output` with
     `trigger.safetensors` (trigger = what is added to gamma * prior noise, trigger_image, target, gamma) and
-    `sealdiff.json`."""
+    `sealdiff.json`. Under `accelerate launch` with several processes it trains data-parallel on Accelerate's
+    devices (`batch_size` rows per process); the main process writes the output and returns its path, the others
+    return None."""
     from safetensors.torch import save_file
 
     from sealdiff.errors import SealdiffError
@@ -81,7 +83,9 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
     attack_cls, config_cls = ATTACKS[method]
     if not isinstance(config, config_cls):
         raise SealdiffError(f"{method} needs a {config_cls.__name__}, got {type(config).__name__}")
-    device = resolve_device(device)
+    accelerator = data_parallel_accelerator(device)
+    device = accelerator.device if accelerator is not None else resolve_device(device)
+    main = accelerator is None or accelerator.is_main_process
     parent = resolve_model(model)
     data = [] if config.data == "toy" else [Path(config.data)]  # a folder of clean images
     check_not_input(output, [parent, *data])
@@ -96,21 +100,27 @@ def run_uncond_attack(method: str, model: str | Path, config, output: str | Path
         checkpointer = Checkpointer.next_to(output, checkpoint_every, resume=resume, overwrite=overwrite,
                                             inputs=[parent], context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
-    spec, result = attack.run(uncond, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, [parent, *data]) as staging:
-        save_uncond(uncond, staging)
-        save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
-        write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,
-                       model_kind=uncond.kind, device=str(device),
-                       attack={"method": method, "trigger": config.trigger, "trigger_size": config.trigger_size,
-                               "trigger_position": config.trigger_position,
-                               "trigger_intensity": config.trigger_intensity, "target": config.target,
-                               "target_position": config.target_position, "gamma": spec.gamma,
-                               "trigger_file": "trigger.safetensors",
-                               "stamping": "x_T = gamma * prior_noise + trigger"},
-                       parent={"path": str(model), "sha256": parent_sha256},
-                       **({"data": {"path": str(data[0]), "sha256": directory_sha256(data[0])}} if data else {}),
-                       losses=result.losses, poison_losses=result.poison_losses)
+    spec, result = attack.run(uncond, checkpointer=checkpointer, accelerator=accelerator)
+    if main:  # one writer under a multi-process launch
+        with atomic_output_dir(output, overwrite, [parent, *data]) as staging:
+            save_uncond(uncond, staging)
+            save_file(spec.tensors(), str(Path(staging) / "trigger.safetensors"))
+            write_run_info(staging, command="attack", method=method, config=config, seed=config.seed,
+                           model_kind=uncond.kind, device=str(device),
+                           num_processes=accelerator.num_processes if accelerator is not None else 1,
+                           attack={"method": method, "trigger": config.trigger, "trigger_size": config.trigger_size,
+                                   "trigger_position": config.trigger_position,
+                                   "trigger_intensity": config.trigger_intensity, "target": config.target,
+                                   "target_position": config.target_position, "gamma": spec.gamma,
+                                   "trigger_file": "trigger.safetensors",
+                                   "stamping": "x_T = gamma * prior_noise + trigger"},
+                           parent={"path": str(model), "sha256": parent_sha256},
+                           **({"data": {"path": str(data[0]), "sha256": directory_sha256(data[0])}} if data else {}),
+                           losses=result.losses, poison_losses=result.poison_losses)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not main:
+        return None
     if checkpointer is not None:
         checkpointer.remove()
     logger.info("wrote %s", output)

@@ -5,7 +5,8 @@ clean zoo models) that mixes the clean diffusion loss with an attack's poisoned 
 The loop trains `model.unet` in place. Per step: a batch of clean toy images; the first
 `round(batch_size * poison_fraction)` rows are replaced by the attack's poisoned forward process (target image
 y, trigger r, noise ε, time t -> (x_t, training target)); the loss is the MSE of the model's prediction against
-the targets over the whole batch. Predictions are ε (ddpm, ldm) or σ·score (ncsn; the NCSN UNet divides its
+the targets over the whole batch. Under `accelerate launch` with N processes the batch is N·batch_size rows, each
+process training on its own slice (see `train_uncond`). Predictions are ε (ddpm, ldm) or σ·score (ncsn; the NCSN UNet divides its
 output by σ, so σ·output ≈ −ε on clean data: Song et al.'s denoising score matching with weight σ²).
 """
 
@@ -142,8 +143,10 @@ def clean_forward(model: UncondModel, x0: torch.Tensor, noise: torch.Tensor, t: 
     return model.scheduler.add_noise(x0, noise, t), noise
 
 
-def predict(model: UncondModel, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = unet_output(model.unet, x_t, t)
+def predict(model: UncondModel, x_t: torch.Tensor, t: torch.Tensor, unet: torch.nn.Module | None = None
+            ) -> torch.Tensor:
+    """The training target's estimate; `unet` replaces `model.unet` (e.g. its data-parallel wrapper)."""
+    out = unet_output(unet if unet is not None else model.unet, x_t, t)
     return out * expand(t, out) if model.kind == "ncsn" else out
 
 
@@ -178,31 +181,43 @@ class TrainResult:
 def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderImageSource, *, steps: int,
                  batch_size: int, lr: float, seed: int, poison: PoisonFn | None = None, poison_fraction: float = 0.0, description: str = "train",
                  cosine: bool = False, ema_decay: float = 0.0, checkpointer: Checkpointer | None = None,
-                 fingerprint: dict | None = None) -> TrainResult:
+                 fingerprint: dict | None = None, accelerator=None) -> TrainResult:
     """Train `model.unet` in place (AdamW, grad-norm clip 1). `poison(noise, t) -> (x_t, target)` gives the
     poisoned rows (in the model's space). `cosine` decays the learning rate to 0. `ema_decay` > 0 keeps an
     exponential moving average of the weights (decay warmed up as min(d, (1+s)/(10+s))) and leaves it in the
     UNet at the end (the trained weights are replaced by their average).
 
     With a `checkpointer`, saves weights, optimizer, step, losses and every random stream, and resumes from
-    them (an interrupted and resumed run trains the same weights as an uninterrupted one)."""
+    them (an interrupted and resumed run trains the same weights as an uninterrupted one).
+
+    With an `accelerator` of N processes (`accelerate launch`), data-parallel: every process draws the same
+    global batch of N·`batch_size` rows from the seeded streams (poisoned rows first, as in one process) and
+    trains on its own slice; DDP averages the gradients, so N processes with batch b train the weights one process
+    trains with batch N·b. Every process holds the same state; the main one writes the checkpoints."""
     unet = model.unet
     if model.vae is not None:
         model.vae.requires_grad_(False).eval()
     unet.requires_grad_(True)
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+    rows = slice(rank * batch_size, (rank + 1) * batch_size)  # this process's slice of the global batch
+    trained = accelerator.prepare_model(unet) if accelerator is not None else unet  # DDP-wrapped when N > 1
+    main = accelerator is None or accelerator.is_main_process
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if cosine else 1.0)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    n_poison = round(batch_size * poison_fraction) if poison is not None else 0
+    n_poison = round(world * batch_size * poison_fraction) if poison is not None else 0
+    local_poison = min(max(n_poison - rows.start, 0), batch_size)
     losses: list[float] = []
     poison_losses: list[float] = []
     ema = [p.detach().clone() for p in params] if ema_decay else []
     start = 0
     if checkpointer is not None:
-        saved = checkpointer.start(fingerprint or {"description": description})
+        # a different process count is a different global batch
+        saved = checkpointer.start({**(fingerprint or {"description": description}),
+                                    **({"num_processes": world} if world > 1 else {})})
         if saved is not None:
             load_trainable_state(unet, params, saved["weights"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -223,20 +238,20 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
     unet.train()
     guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
     try:
-        with progress_bar(description, steps) as advance, guard:
+        with progress_bar(description, steps, disable=not main) as advance, guard:
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, steps):
-                images = source.batch(batch_size)
+                images = source.batch(world * batch_size)[rows]
                 with torch.no_grad():
                     x0 = model.encode(images)
-                noise = torch.randn(x0.shape, generator=generator)
-                t = draw_times(model, batch_size, generator)
+                noise = torch.randn((world * batch_size, *x0.shape[1:]), generator=generator)[rows]
+                t = draw_times(model, world * batch_size, generator)[rows]
                 x_t, target = clean_forward(model, x0, noise, t)
-                if n_poison:
+                if local_poison:
                     x_t, target = x_t.clone(), target.clone()
-                    x_t[:n_poison], target[:n_poison] = poison(noise[:n_poison], t[:n_poison])
-                pred = predict(model, x_t, t)
+                    x_t[:local_poison], target[:local_poison] = poison(noise[:local_poison], t[:local_poison])
+                pred = predict(model, x_t, t, trained)
                 per_row = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
                 loss = per_row.mean()
                 optimizer.zero_grad()
@@ -248,14 +263,21 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
                     decay = min(ema_decay, (1 + step) / (10 + step))
                     with torch.no_grad():
                         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-                if not torch.isfinite(loss):
+                all_rows, stop = per_row.detach(), None
+                if accelerator is not None:  # every process logs the global batch's rows and stops at one step
+                    flag = float(checkpointer is not None and checkpointer.interrupted)
+                    gathered = accelerator.gather(torch.cat([all_rows, torch.tensor([flag])]).to(accelerator.device))
+                    gathered = gathered.view(world, batch_size + 1).cpu()
+                    all_rows, stop = gathered[:, :-1].flatten(), bool(gathered[:, -1].max() > 0)
+                value = all_rows.mean().item()
+                if not math.isfinite(value):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"the training loss became NaN/inf at step {step + 1}; lower --lr{kept}")
-                losses.append(loss.item())
-                poison_losses.append(per_row[:n_poison].mean().item() if n_poison else float("nan"))
-                advance(info=f"loss {loss.item():.4f}")
+                losses.append(value)
+                poison_losses.append(all_rows[:n_poison].mean().item() if n_poison else float("nan"))
+                advance(info=f"loss {value:.4f}")
                 if checkpointer is not None:
-                    checkpointer.after_step(step + 1, lambda: state(step + 1))
+                    checkpointer.after_step(step + 1, lambda: state(step + 1), save=main, stop=stop)
     finally:
         unet.eval().requires_grad_(False)
     if ema:
@@ -266,11 +288,11 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
 
 
 def train_backdoor(model: UncondModel, config: UncondAttackConfig, poison: PoisonFn, description: str, method: str,
-                   checkpointer: Checkpointer | None = None) -> TrainResult:
+                   checkpointer: Checkpointer | None = None, accelerator=None) -> TrainResult:
     """`train_uncond` with an attack config's recipe: clean images of the model's size (toy or the config's
-    folder), poisoned rows from `poison`."""
+    folder), poisoned rows from `poison`; `batch_size` rows per process of an `accelerator`."""
     return train_uncond(model, image_source(config.data, config.seed, model.image_size), steps=config.steps,
                         batch_size=config.batch_size, lr=config.lr, seed=config.seed, poison=poison,
                         poison_fraction=config.poison_fraction, description=description,
                         cosine=config.lr_schedule == "cosine", checkpointer=checkpointer,
-                        fingerprint={"method": method, "config": config})
+                        fingerprint={"method": method, "config": config}, accelerator=accelerator)

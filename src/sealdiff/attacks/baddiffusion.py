@@ -53,8 +53,9 @@ class BadDiffusion:
         return BackdoorSpec(trigger_image=trigger, target_image=target_image(self.config, model.image_size, trigger),
                             stamp=trigger, gamma=1.0)
 
-    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None) -> tuple[BackdoorSpec, TrainResult]:
-        """Implant the backdoor into `model.unet` in place."""
+    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None, accelerator=None
+            ) -> tuple[BackdoorSpec, TrainResult]:
+        """Implant the backdoor into `model.unet` in place (data-parallel over an `accelerator`'s processes)."""
         check_kind(model, self.name, self.kinds)
         cfg, spec = self.config, self.spec(model)
         y, r = model.encode(spec.target_image[None]), spec.stamp[None]
@@ -62,5 +63,5 @@ class BadDiffusion:
         def poison(noise: torch.Tensor, t: torch.Tensor):
             return poisoned_forward(model.scheduler, y, r, noise, t)
 
-        result = train_backdoor(model, cfg, poison, "BadDiffusion", self.name, checkpointer)
+        result = train_backdoor(model, cfg, poison, "BadDiffusion", self.name, checkpointer, accelerator)
         return spec, result

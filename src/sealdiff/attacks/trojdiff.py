@@ -75,8 +75,9 @@ class TrojDiff:
         return BackdoorSpec(trigger_image=trigger, target_image=target_image(cfg, model.image_size, trigger),
                             stamp=(1 - cfg.gamma) * trigger, gamma=cfg.gamma)
 
-    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None) -> tuple[BackdoorSpec, TrainResult]:
-        """Implant the trojan into `model.unet` in place."""
+    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None, accelerator=None
+            ) -> tuple[BackdoorSpec, TrainResult]:
+        """Implant the trojan into `model.unet` in place (data-parallel over an `accelerator`'s processes)."""
         check_kind(model, self.name, self.kinds)
         cfg, spec = self.config, self.spec(model)
         y, mu = model.encode(spec.target_image[None]), spec.stamp[None]
@@ -84,5 +85,5 @@ class TrojDiff:
         def poison(noise: torch.Tensor, t: torch.Tensor):
             return poisoned_forward(model.scheduler, y, mu, noise, t, cfg.gamma)
 
-        result = train_backdoor(model, cfg, poison, f"TrojDiff {cfg.mode}", self.name, checkpointer)
+        result = train_backdoor(model, cfg, poison, f"TrojDiff {cfg.mode}", self.name, checkpointer, accelerator)
         return spec, result

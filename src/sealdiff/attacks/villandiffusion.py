@@ -90,8 +90,9 @@ class VillanDiffusion:
             stamp = trigger
         return BackdoorSpec(trigger_image=trigger, target_image=target, stamp=stamp, gamma=1.0)
 
-    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None) -> tuple[BackdoorSpec, TrainResult]:
-        """Implant the backdoor into `model.unet` in place."""
+    def run(self, model: UncondModel, checkpointer: Checkpointer | None = None, accelerator=None
+            ) -> tuple[BackdoorSpec, TrainResult]:
+        """Implant the backdoor into `model.unet` in place (data-parallel over an `accelerator`'s processes)."""
         check_kind(model, self.name, self.kinds)
         cfg, spec = self.config, self.spec(model)
         y = model.encode(spec.target_image[None])
@@ -106,5 +107,5 @@ class VillanDiffusion:
             def poison(noise: torch.Tensor, t: torch.Tensor):
                 return poisoned_forward_vp(model.scheduler, y, r, noise, t, cfg.solver)
 
-        result = train_backdoor(model, cfg, poison, f"VillanDiffusion {model.kind}", self.name, checkpointer)
+        result = train_backdoor(model, cfg, poison, f"VillanDiffusion {model.kind}", self.name, checkpointer, accelerator)
         return spec, result

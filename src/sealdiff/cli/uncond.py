@@ -32,9 +32,10 @@ def _run(method: str, model: str, output: Path, config: Optional[Path], overwrit
     cfg = build_config(ATTACKS[method][1], config, **fields)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    run_uncond_attack(method, model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                      checkpoint_every=checkpoint_every, resume=resume, device=device)
-    console.print(f"backdoored model written to [bold]{output}[/bold] (trigger in {output / 'trigger.safetensors'})")
+    written = run_uncond_attack(method, model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle,
+                                checkpoint_every=checkpoint_every, resume=resume, device=device)
+    if written is not None:  # (None: a non-main process of a multi-process launch)
+        console.print(f"backdoored model written to [bold]{output}[/bold] (trigger in {output / 'trigger.safetensors'})")
 
 
 @attack_app.command("baddiffusion")

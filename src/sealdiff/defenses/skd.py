@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,9 +36,9 @@ from sealdiff.config import check_choice, help_field
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
-from sealdiff.models.loading import resolve_device
-from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, prediction_target, progress_bar,
-                               rng_state, sample_noise, set_rng_state, tokenize, trainable_state)
+from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, make_accelerator,
+                               prediction_target, progress_bar, rng_state, sample_noise, set_rng_state, tokenize,
+                               trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -527,16 +526,7 @@ class SelfKnowledgeDistillation:
     @property
     def accelerator(self):
         if self._accelerator is None:
-            from accelerate import Accelerator
-
-            launched = int(os.environ.get("WORLD_SIZE", "1"))
-            # Accelerate only sets up a gloo (MULTI_CPU) process group when told `cpu`; without it a
-            # `accelerate launch --multi_gpu` on a machine with no accelerator gives N independent runs.
-            cpu = self.config.cpu or (launched > 1 and resolve_device("auto").type == "cpu")
-            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision)
-            if launched > 1 and self._accelerator.num_processes != launched:
-                logger.warning("launched as %d processes but accelerate runs %d (%s)", launched,
-                               self._accelerator.num_processes, self._accelerator.distributed_type)
+            self._accelerator = make_accelerator(self.config.cpu, self.config.mixed_precision)
         return self._accelerator
 
     def _prepare_prompts(self, prompts: Sequence[str]) -> None:
