@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +255,46 @@ def test_a_multi_process_launch_refuses_a_named_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SealdiffError, match="--device cuda:1 cannot be combined with a 2-process launch"):
         data_parallel_accelerator("cuda:1")
+
+
+# --------------------------------------------------------------------------------------------------
+# unconditional removals: data-parallel fine-tuning (`remove --method elijah | diff-cleanse | diffdefend`)
+
+MICRO_BACKDOORED = Path(__file__).parent / "assets" / "uncond_micro" / "backdoored"
+
+
+@pytest.mark.parametrize("method,scan", [("elijah", True), ("diff-cleanse", False), ("diffdefend", False)])
+def test_uncond_removal_two_processes_batch_2_equal_one_process_batch_4(tmp_path, method, scan):
+    """The fine-tuning of each removal in 2 processes with batch 2 = 1 process with batch 4. The main process alone
+    scans (elijah: no --trigger-file), builds the generated bank, picks the pruned channels, measures and writes."""
+    from sealdiff.defenses.uncond import save_trigger
+    from sealdiff.detection import TRIGGER_SOURCE
+
+    config = tmp_path / "removal.json"
+    config.write_text(json.dumps({"steps": 3, "lr": 1e-3, "bank_size": 8, "bank_steps": 3, "progress": False}))
+    trigger = []
+    if not scan:  # a stand-in scan output: the subject is the fine-tuning
+        (tmp_path / "scan").mkdir()
+        save_trigger(0.5 * torch.ones(3, 8, 8), tmp_path / "scan", metadata={"source": TRIGGER_SOURCE})
+        trigger = ["--trigger-file", str(tmp_path / "scan")]
+    args = ["remove", str(MICRO_BACKDOORED), "--method", method, "--config", str(config), "--measure", "4",
+            "--sampler", "ddpm", *trigger]
+    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port())[1:])
+    run(["-m", "sealdiff", *args, "-o", str(tmp_path / "one"), "--batch-size", "4"])
+    log = two.stdout + two.stderr
+    assert log.count("repaired model written") == 1 and log.count("measuring before") == 1, log[-3000:]
+    info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
+    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
+    scans = [{k: v for k, v in info[name]["trigger"].items() if k != "seconds"} for name in ("one", "two")]
+    assert scans[0] == scans[1]  # (elijah: one scan, whose trigger both processes use)
+    assert info["one"]["result"]["extra"] == info["two"]["result"]["extra"]  # (diff-cleanse: the same channels)
+    torch.testing.assert_close(torch.tensor(info["two"]["losses"]), torch.tensor(info["one"]["losses"]), rtol=1e-5,
+                               atol=1e-7)
+    from safetensors.torch import load_file
+
+    base, one, two_w = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
+                        for d in (MICRO_BACKDOORED, tmp_path / "one", tmp_path / "two"))
+    moved = torch.cat([(one[k].float() - base[k].float()).abs().flatten() for k in base])
+    diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
+    assert moved.max() > 1e-3
+    assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()

@@ -437,3 +437,30 @@ def test_real_images_replace_the_generated_bank(backdoored, defense, monkeypatch
     assert real.losses[0] != free
     if defense == "elijah-ft":
         assert real.extra["data"] == "real images"
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.6])
+def test_sharded_losses_average_to_the_whole_batch_loss(backdoored, gamma):
+    """Data parallelism's contract: the shards of a batch draw the same global rows from the same generator state,
+    so the mean of two shards' losses (batch 4 each) is one process's loss over the batch of 8."""
+    from sealdiff.defenses.elijah import last_step_removal_loss
+    from sealdiff.defenses.uncond import Shard, clean_loss, distill_loss
+
+    unet, frozen = backdoored.unet, copy.deepcopy(backdoored.unet)
+    bank = torch.randn(6, *backdoored.sample_shape, generator=torch.Generator().manual_seed(1))
+    trigger = 0.3 * M.trigger()
+    losses = {
+        "clean": lambda batch, shard: clean_loss(backdoored, unet, bank, batch, torch.Generator().manual_seed(2),
+                                                 shard),
+        "distill": lambda batch, shard: distill_loss(backdoored, unet, frozen, bank, batch,
+                                                     torch.Generator().manual_seed(2), trigger=trigger, low=0.3,
+                                                     target="x0", scales=(0.5, 6.0), gamma=gamma, shard=shard),
+        "last": lambda batch, shard: last_step_removal_loss(backdoored, unet, frozen, trigger, batch,
+                                                            torch.Generator().manual_seed(2), "x0", gamma, shard),
+    }
+    with torch.no_grad():
+        for name, loss in losses.items():
+            whole = loss(8, Shard())
+            halves = [loss(4, Shard(index, 2)) for index in (0, 1)]
+            torch.testing.assert_close((halves[0] + halves[1]) / 2, whole, rtol=1e-5, atol=0, msg=name)
+            assert abs(float(halves[0] - halves[1])) > 1e-6, name  # the shards hold different rows

@@ -85,11 +85,14 @@ def progress_bar(description: str, total: int, disable: bool = False) -> Iterato
 
 
 def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor], steps: int,
-                  description: str, progress: bool = True, after_step: Callable[[], None] | None = None) -> list[float]:
+                  description: str, progress: bool = True, after_step: Callable[[], None] | None = None,
+                  accelerator=None) -> list[float]:
     """`steps` updates of `optimizer` on `loss_fn()` under a progress bar (`after_step()` after each update);
-    a non-finite loss stops the run with a clear error. Returns the losses."""
+    a non-finite loss stops the run with a clear error. Returns the losses (with an `accelerator`: each the mean
+    over its processes, so that all of them stop together; the main one shows the bar)."""
     losses: list[float] = []
-    with progress_bar(description, steps, disable=not progress) as advance:
+    main = accelerator is None or accelerator.is_main_process
+    with progress_bar(description, steps, disable=not (progress and main)) as advance:
         for i in range(steps):
             loss = loss_fn()
             optimizer.zero_grad()
@@ -97,7 +100,8 @@ def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.
             optimizer.step()
             if after_step is not None:
                 after_step()
-            value = float(loss.detach())
+            value = float(loss.detach()) if accelerator is None else \
+                float(accelerator.gather(loss.detach().float()[None].to(accelerator.device)).mean())
             if not math.isfinite(value):
                 raise SealdiffError(f"{description}: the loss became {value} at step {i + 1}; lower the learning rate")
             losses.append(value)

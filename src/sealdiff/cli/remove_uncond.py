@@ -98,10 +98,12 @@ def sample_grids(model, directory: Path, sampler: str) -> dict[str, Any]:
 def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | None = None,
                   config: Path | None = None, overrides: dict[str, Any] | None = None, measure: int = 50,
                   sampler: str | None = None, overwrite: bool = False, allow_pickle: bool = False,
-                  data: Path | None = None, device: str = "auto", console=None) -> dict:
+                  data: Path | None = None, device: str = "auto", console=None) -> dict | None:
     """Run one unconditional removal end to end; returns the sealdiff.json it wrote. `data`: a folder of clean
     images for the clean loss (Elijah, Diff-Cleanse; None = data-free). `device`: where the model runs
-    (`models.loading.resolve_device`)."""
+    (`models.loading.resolve_device`). Under `accelerate launch` with several processes the fine-tuning is
+    data-parallel on Accelerate's devices (`batch` rows per process); the scan and the measurements run on the main
+    process, which writes the output and returns the record (the others return None)."""
     from sealdiff.config import build_config
     from sealdiff.defenses import get_defense
     from sealdiff.defenses import uncond as U
@@ -110,6 +112,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.metrics.utility import path_sha256
     from sealdiff.models.uncond import save_uncond
     from sealdiff.report.images import removal_grid_name, save_grid
+    from sealdiff.training import data_parallel_accelerator
 
     defense_name, detector_name = U.UNCOND_METHODS[method]
     spec = get_defense(defense_name)
@@ -118,7 +121,10 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
     if data is not None and method == "diffdefend":
         raise SealdiffError("--data applies to elijah and diff-cleanse; DiffDefend purification uses no real data")
-    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle, device=device)
+    accelerator = data_parallel_accelerator(device)
+    main = accelerator is None or accelerator.is_main_process
+    uncond, directory = load_for_scan(model, allow_pickle=allow_pickle,
+                                      device=accelerator.device if accelerator is not None else device)
     inputs = [directory] + ([data] if data is not None else [])
     check_not_input(output, inputs)  # before the work, not only when the output is written
     samplers = measured_samplers(uncond, directory, sampler)
@@ -134,19 +140,25 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
         trigger_info = {"source": "file", "path": str(trigger_file), "sha256": path_sha256(trigger_file),
                         "noise_scale": noise_scale}
     else:
-        scan = get_detector(detector_name).make(seed=getattr(cfg, "seed", 0)).scan(uncond)
-        trigger, noise_scale = scan.trigger, scan.noise_scale
-        trigger_info = {"source": "scan", **{k: v for k, v in scan.to_dict().items() if k not in ("config", "losses")}}
-        if not scan.backdoored:
-            logger.warning("%s finds no backdoor (score %.3f < threshold %g); removing with its trigger anyway",
-                           detector_name, scan.score, scan.threshold)
+        def run_scan():
+            scan = get_detector(detector_name).make(seed=getattr(cfg, "seed", 0)).scan(uncond)
+            if not scan.backdoored:
+                logger.warning("%s finds no backdoor (score %.3f < threshold %g); removing with its trigger anyway",
+                               detector_name, scan.score, scan.threshold)
+            return scan.trigger.cpu(), scan.noise_scale, {
+                "source": "scan", **{k: v for k, v in scan.to_dict().items() if k not in ("config", "losses")}}
+
+        trigger, noise_scale, trigger_info = U.on_main(accelerator, run_scan)  # one scan; every process uses it
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
     (clean_before, before), (clean_after, after), grids = ({}, None), ({}, None), {}
-    if measure:
+    if measure and main:
         clean_before, before = measure_samples(uncond, directory, samplers, measure, "measuring before")
         grids["before"] = sample_grids(uncond, directory, samplers[0])
-    result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale)
+    result = spec.runner(cfg).apply(uncond, trigger, images=images, noise_scale=noise_scale, accelerator=accelerator)
+    if not main:
+        accelerator.wait_for_everyone()  # the main process measures and writes
+        return None
     if measure:
         clean_after, after = measure_samples(uncond, directory, samplers, measure, "measuring after")
         grids["after"] = sample_grids(uncond, directory, samplers[0])
@@ -176,8 +188,11 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
                               trigger=trigger_info, measured=measured, **({"data": data_info} if data_info else {}),
                               grids={"sampler": samplers[0], "count": GRID_COUNT,
                                      "sets": sorted(grids.get("after", {}))} if grids else None,
+                              num_processes=accelerator.num_processes if accelerator is not None else 1,
                               losses=result.losses, result={k: v for k, v in result.to_dict().items()
                                                             if k not in ("config", "losses")})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     if console is not None:
         if before and after:
             for s in samplers:

@@ -80,15 +80,16 @@ class ElijahRemovalConfig:
 
 
 def last_step_removal_loss(model, unet, frozen, trigger: torch.Tensor, batch: int, generator: torch.Generator,
-                           target: U.RemovalTarget = "eps", gamma: float = 1.0) -> torch.Tensor:
+                           target: U.RemovalTarget = "eps", gamma: float = 1.0, shard: U.Shard = U.WHOLE
+                           ) -> torch.Tensor:
     """‖ε_θ(s·ε + τ, T) − y‖², y = ε_frozen(s·ε, T) (`target='eps'`, the paper's) or y = ε_frozen(s·ε, T) + τ/b_T
     ('x0': the stamped noise implies the frozen model's clean x̂0). γ < 1: the offset also scales the noise by g,
     drawn per sample in [γ, 1] (s·ε + τ − (1−g)·s·ε), and the x0 target takes that offset too."""
     last = C.last_level(model)
-    noise = C.noise_scale(model) * C.noise_like(model, batch, generator)
+    noise = shard.take(C.noise_scale(model) * C.noise_like(model, shard.total(batch), generator), batch)
     offset = trigger
     if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
-        offset = trigger + U.trojan_noise_shift(noise, gamma, generator)
+        offset = trigger - (1.0 - shard.take(U.trojan_scales(shard.total(batch), gamma, generator), batch)) * noise
     with torch.no_grad():
         answer = C.eps_pred(model, frozen, noise, last)
         if target == "x0":
@@ -104,26 +105,29 @@ class ElijahRemoval:
         self.config = config
 
     def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
-              noise_scale: float = 1.0) -> U.UncondRemovalResult:
-        """Fine-tune `model.unet` in place. `images`: real clean x0 in the model's space (None = data-free)."""
+              noise_scale: float = 1.0, accelerator=None) -> U.UncondRemovalResult:
+        """Fine-tune `model.unet` in place. `images`: real clean x0 in the model's space (None = data-free).
+        `accelerator`: data-parallel over its processes (`batch` rows each)."""
         cfg = self.config
         trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         frozen = C.frozen_copy(unet)
-        bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        bank = images if images is not None else \
+            U.on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
+        gen, shard = torch.Generator().manual_seed(cfg.seed + 1), U.shard_of(accelerator)
 
-        def loss() -> torch.Tensor:
-            removal = last_step_removal_loss(model, unet, frozen, trigger, cfg.batch, gen, cfg.removal_target,
-                                             noise_scale)
+        def loss(net) -> torch.Tensor:
+            removal = last_step_removal_loss(model, net, frozen, trigger, cfg.batch, gen, cfg.removal_target,
+                                             noise_scale, shard)
             if cfg.trigger_levels == "trajectory":
-                removal = removal + U.distill_loss(model, unet, frozen, bank, cfg.batch, gen, trigger=trigger,
+                removal = removal + U.distill_loss(model, net, frozen, bank, cfg.batch, gen, trigger=trigger,
                                                    low=cfg.trajectory_low, target=cfg.removal_target,
                                                    scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                                   gamma=noise_scale)
-            return removal + cfg.clean_weight * U.clean_loss(model, unet, bank, cfg.batch, gen)
+                                                   gamma=noise_scale, shard=shard)
+            return removal + cfg.clean_weight * U.clean_loss(model, net, bank, cfg.batch, gen, shard)
 
-        losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress)
+        losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress,
+                                      accelerator=accelerator)
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet),
                                      extra={"data": "real images" if images is not None else "model-generated"})

@@ -25,7 +25,7 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -203,14 +203,22 @@ class DiffCleansePruning:
         self.config = config
 
     def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
-              noise_scale: float = 1.0) -> U.UncondRemovalResult:
+              noise_scale: float = 1.0, accelerator=None) -> U.UncondRemovalResult:
+        """Prune and fine-tune `model.unet` in place; `accelerator`: the importance on its main process, the
+        fine-tuning data-parallel over its processes (`batch` rows each)."""
         cfg = self.config
         trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         unpruned = C.frozen_copy(unet)
-        bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
-        imp_b, imp_c = importance(model, trigger, bank, cfg, noise_scale)
-        pruned = select_channels(channel_scores(imp_b, imp_c, cfg.importance), cfg.ratio)
+
+        shard = U.shard_of(accelerator)
+
+        def bank_and_selection():  # the importance batches are global batches, as in one process
+            bank = images if images is not None else U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
+            imp_b, imp_c = importance(model, trigger, bank, replace(cfg, batch=shard.total(cfg.batch)), noise_scale)
+            return bank.cpu(), select_channels(channel_scores(imp_b, imp_c, cfg.importance), cfg.ratio)
+
+        bank, pruned = U.on_main(accelerator, bank_and_selection)  # every process prunes the same channels
         apply_masks(unet, pruned)
         total = sum(m.weight.shape[0] for m in prunable_layers(unet).values())
         count = sum(map(len, pruned.values()))
@@ -227,15 +235,16 @@ class DiffCleansePruning:
         handles = [p.register_hook(lambda g, mask=mask: g * mask) for p, mask in masks.items()]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-        def loss() -> torch.Tensor:
-            value = U.clean_loss(model, unet, bank, cfg.batch, gen)
+        def loss(net) -> torch.Tensor:
+            value = U.clean_loss(model, net, bank, cfg.batch, gen, shard)
             if cfg.distill_weight:
-                value = value + cfg.distill_weight * U.distill_loss(model, unet, unpruned, bank, cfg.batch, gen)
+                value = value + cfg.distill_weight * U.distill_loss(model, net, unpruned, bank, cfg.batch, gen,
+                                                                    shard=shard)
             return value
 
         try:
             losses, seconds = U.fine_tune(unet, "Diff-Cleanse fine-tuning", cfg.steps, cfg.lr, loss, cfg.progress,
-                                          after_step=lambda: apply_masks(unet, pruned))
+                                          after_step=lambda: apply_masks(unet, pruned), accelerator=accelerator)
         finally:
             for h in handles:
                 h.remove()

@@ -74,23 +74,25 @@ class DiffDefendPurification:
         self.config = config
 
     def apply(self, model, trigger: torch.Tensor, images: torch.Tensor | None = None,
-              noise_scale: float = 1.0) -> U.UncondRemovalResult:
+              noise_scale: float = 1.0, accelerator=None) -> U.UncondRemovalResult:
+        """Purify `model.unet` in place; `accelerator`: data-parallel over its processes (`batch` rows each)."""
         cfg = self.config
         if images is not None:
             raise SealdiffError("DiffDefend purification uses no real data; call it without images")
         trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         reference = C.frozen_copy(unet)
-        bank = U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        bank = U.on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
+        gen, shard = torch.Generator().manual_seed(cfg.seed + 1), U.shard_of(accelerator)
 
-        def loss() -> torch.Tensor:
-            removal = U.distill_loss(model, unet, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
+        def loss(net) -> torch.Tensor:
+            removal = U.distill_loss(model, net, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
                                      target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                     gamma=noise_scale)
-            keep = U.distill_loss(model, unet, reference, bank, cfg.batch, gen)
+                                     gamma=noise_scale, shard=shard)
+            keep = U.distill_loss(model, net, reference, bank, cfg.batch, gen, shard=shard)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 
-        losses, seconds = U.fine_tune(unet, "DiffDefend purification", cfg.steps, cfg.lr, loss, cfg.progress)
+        losses, seconds = U.fine_tune(unet, "DiffDefend purification", cfg.steps, cfg.lr, loss, cfg.progress,
+                                      accelerator=accelerator)
         return U.UncondRemovalResult(method=self.name, config=cfg, losses=losses, seconds=seconds,
                                      trainable_parameters=U.trainable_count(unet), extra={"data": "none (reference samples)"})

@@ -31,6 +31,41 @@ TRIGGER_KEY = "trigger"
 RemovalTarget = Literal["eps", "x0"]  # what a triggered input must be answered with (see `distill_loss`)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every batch under data parallelism (`accelerate launch`, `count` processes). A loss
+    asked for `batch` rows draws `batch * count` from its seeded generator -- the same draws in every process, and the
+    ones a single process draws for the whole global batch -- and keeps rows [index·batch, (index+1)·batch)."""
+
+    index: int = 0
+    count: int = 1
+
+    def total(self, batch: int) -> int:
+        return batch * self.count
+
+    def take(self, values, batch: int):
+        return values[self.index * batch:(self.index + 1) * batch]
+
+
+WHOLE = Shard()  # one process: every row
+
+
+def shard_of(accelerator) -> Shard:
+    return Shard(accelerator.process_index, accelerator.num_processes) if accelerator is not None else WHOLE
+
+
+def on_main(accelerator, compute):
+    """`compute()` on the main process only, its (CPU) result sent to every process: what all processes must share
+    exactly (a generated bank, a channel selection), computed once."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    box = [compute() if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 @dataclass
 class UncondRemovalResult:
     """What an unconditional removal run did (recorded in the output's sealdiff.json)."""
@@ -72,25 +107,33 @@ def shifts(model, levels: list) -> torch.Tensor:
     return torch.tensor([C.baddiffusion_shift(model, lv) for lv in levels]).view(-1, 1, 1, 1)
 
 
-def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+def draw_rows(model, bank: torch.Tensor, batch: int, generator: torch.Generator, shard: Shard, low: float = 0.0
+              ) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(x0 from `bank`, unit noise, noise levels with fractions in [low, 1]) of this shard's rows."""
+    total = shard.total(batch)
+    idx = torch.randint(0, len(bank), (total,), generator=generator)
+    noise = torch.randn((total, *bank.shape[1:]), generator=generator)
+    levels = sample_levels(model, total, generator, low=low)
+    return shard.take(bank[idx], batch), shard.take(noise, batch), shard.take(levels, batch)
+
+
+def clean_loss(model, unet, bank: torch.Tensor, batch: int, generator: torch.Generator, shard: Shard = WHOLE
+               ) -> torch.Tensor:
     """The ordinary denoising loss ‖ε̂(a·x0 + b·ε, t) − ε‖² on x0 drawn from `bank` (model samples or data)."""
-    idx = torch.randint(0, len(bank), (batch,), generator=generator)
-    x0 = bank[idx]
-    noise = torch.randn(x0.shape, generator=generator)
-    levels = sample_levels(model, batch, generator)
+    x0, noise, levels = draw_rows(model, bank, batch, generator, shard)
     return (per_sample_eps(model, unet, noised(levels, x0, noise), levels) - noise).pow(2).mean()
 
 
-def trojan_noise_shift(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """−(1−g)·noise with g drawn per sample uniformly in [γ, 1]: added to a state, it scales that state's noise by g,
-    so a removal for a trigger found on γ·ε + τ (TrojDiff's trojan input) covers every noise scale up to ε + τ."""
-    g = gamma + (1.0 - gamma) * torch.rand(noise.shape[0], *([1] * (noise.dim() - 1)), generator=generator)
-    return -(1.0 - g) * noise
+def trojan_scales(count: int, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """g drawn per sample uniformly in [γ, 1], shaped (count, 1, 1, 1): −(1−g)·noise added to a state scales that
+    state's noise by g, so a removal for a trigger found on γ·ε + τ (TrojDiff's trojan input) covers every noise
+    scale up to ε + τ."""
+    return gamma + (1.0 - gamma) * torch.rand(count, 1, 1, 1, generator=generator)
 
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
                  trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
-                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0, shard: Shard = WHOLE) -> torch.Tensor:
     """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
     answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
     `target='eps'` y = ε̂_teacher(x_t, t) (the offset is ignored); `target='x0'` y = ε̂_teacher(x_t, t) + k·c_t·τ/b_t,
@@ -100,20 +143,21 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     TrojDiff's) also scales the triggered input's noise by g, drawn per sample uniformly in [γ, 1] (a backdoor that
     answers γ·ε + τ may answer ε + τ too): x_t − (1−g)·b_t·ε + k·c_t·τ; its x0 target keeps the teacher's clean x̂0,
     y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t))."""
-    idx = torch.randint(0, len(bank), (batch,), generator=generator)
-    x0 = bank[idx]
-    noise = torch.randn(x0.shape, generator=generator)
-    levels = sample_levels(model, batch, generator, low=low)
+    x0, noise, levels = draw_rows(model, bank, batch, generator, shard, low)
+    if trigger is not None:
+        k = shard.take(scales[0] + (scales[1] - scales[0]) * torch.rand(shard.total(batch), 1, 1, 1,
+                                                                       generator=generator), batch)
+        # (drawn only for γ < 1: the γ = 1 removal keeps its random stream)
+        g = shard.take(trojan_scales(shard.total(batch), gamma, generator), batch) if gamma != 1.0 else None
     x_t = noised(levels, x0, noise)
     with torch.no_grad():
         answer = per_sample_eps(model, teacher, x_t, levels)
     if trigger is None:
         return (per_sample_eps(model, unet, x_t, levels) - answer).pow(2).mean()
-    k = scales[0] + (scales[1] - scales[0]) * torch.rand(batch, 1, 1, 1, generator=generator)
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
     offset = k * shifts(model, levels) * trigger
-    if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
-        offset = offset + trojan_noise_shift(b * noise, gamma, generator)
+    if g is not None:
+        offset = offset - (1.0 - g) * (b * noise)
     if target == "x0":
         answer = answer + offset / b
     return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
@@ -209,17 +253,21 @@ def trainable_count(unet) -> int:
 
 
 def fine_tune(unet, description: str, steps: int, lr: float, loss_fn, progress: bool = True,
-              after_step=None) -> tuple[list[float], float]:
-    """Train every weight of `unet` with AdamW on `loss_fn() -> loss` for `steps` steps (`after_step()` runs after
-    each update); a non-finite loss stops the run. Returns (losses, seconds)."""
+              after_step=None, accelerator=None) -> tuple[list[float], float]:
+    """Train every weight of `unet` with AdamW on `loss_fn(net) -> loss` for `steps` steps (`net`: the module to
+    call, `unet` or its data-parallel wrapper under an `accelerator`; `after_step()` runs after each update); a
+    non-finite loss stops the run. Returns (losses, seconds): with several processes, each step's loss is the mean of
+    theirs."""
     from sealdiff.training import run_optimizer
 
     start = time.perf_counter()
     unet.train()
     unet.requires_grad_(True)
+    net = accelerator.prepare_model(unet) if accelerator is not None else unet  # DDP-wrapped when N > 1
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     try:
-        losses = run_optimizer(optimizer, loss_fn, steps, description, progress, after_step)
+        losses = run_optimizer(optimizer, lambda: loss_fn(net), steps, description, progress, after_step,
+                               accelerator=accelerator)
     finally:
         unet.eval()
     return losses, time.perf_counter() - start
