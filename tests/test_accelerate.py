@@ -298,3 +298,25 @@ def test_uncond_removal_two_processes_batch_2_equal_one_process_batch_4(tmp_path
     diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
     assert moved.max() > 1e-3
     assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()
+
+
+def test_badt2i_two_processes_batch_2_equal_one_process_batch_4(tiny_pipe_dir, tmp_path):
+    """BadT2I pixel with a weighted patch loss, an empty-prompt row and a teacher-drawn clean bank (drawn by the main
+    process). Of the global batch's 3 poisoned rows process 0 holds 2, process 1 one and the empty-prompt row; their
+    loss shares add up to one process's loss."""
+    config = tmp_path / "badt2i.json"
+    config.write_text(json.dumps({"poison_fraction": 0.75}))
+    args = ["attack", "badt2i", str(tiny_pipe_dir), "--steps", "3", "--seed", "0", "--lr", "1e-3", "--patch-weight", "2",
+            "--uncond-fraction", "0.25", "--clean-source", "teacher", "--style-bank", "4", "--config", str(config)]
+    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port())[1:])
+    run(["-m", "sealdiff", *args, "-o", str(tmp_path / "one"), "--batch-size", "4"])
+    assert (two.stdout + two.stderr).count("backdoored pipeline written") == 1
+    info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
+    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
+    torch.testing.assert_close(torch.tensor(info["two"]["losses"]), torch.tensor(info["one"]["losses"]), rtol=1e-5,
+                               atol=1e-7)
+    base, one, two_w = (unet_weights(d) for d in (tiny_pipe_dir, tmp_path / "one", tmp_path / "two"))
+    moved = torch.cat([(one[k] - base[k]).abs().flatten() for k in base])
+    diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
+    assert moved.max() > 1e-3
+    assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()

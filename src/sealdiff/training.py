@@ -47,13 +47,18 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, offse
     return noise.to(latents.device)
 
 
+def draw_timesteps(scheduler, count: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """`count` training timesteps drawn uniformly (where `generator` lives), on `device`."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator,
+                         device=where).to(device)
+
+
 def noisy_latents(scheduler, latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0,
                   timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, noise, t) for uniformly drawn t, via `scheduler.add_noise`."""
     if timesteps is None:
-        where = generator.device if generator is not None else latents.device
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator, device=where).to(latents.device)
+        timesteps = draw_timesteps(scheduler, latents.shape[0], generator, latents.device)
     noise = sample_noise(latents, generator, offset)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
@@ -149,6 +154,18 @@ def data_parallel_accelerator(device: str = "auto"):
                             f"{accelerator.num_processes} ({accelerator.distributed_type}); they would all write the "
                             "same output")
     return accelerator
+
+
+def on_main(accelerator, compute):
+    """`compute()` on the main process only, its (CPU) result sent to every process: what all processes must share
+    exactly (a generated bank, a channel selection), computed once."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return compute()
+    from accelerate.utils import broadcast_object_list
+
+    box = [compute() if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,14 +31,18 @@ ATTACKS.update(_uncond_attacks())
 
 def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: bool = False,
                allow_pickle: bool = False, checkpoint_every: int = 0, resume: bool = False,
-               device: str = "auto") -> Path:
+               device: str = "auto") -> Path | None:
     """Implant a BadT2I backdoor into the pipeline at `model` (trained on `device`:
-    `models.loading.resolve_device`); write a new pipeline directory to `output`.
+    `models.loading.resolve_device`); write a new pipeline directory to `output`. Under `accelerate launch` with
+    several processes it trains data-parallel on Accelerate's devices (`batch_size` rows per process); the main
+    process writes the output and returns its path, the others return None.
 
     `checkpoint_every` N > 0 saves a checkpoint to `<output>.checkpoint/` every N steps and on
     SIGINT/SIGTERM; `resume` continues from it (same model and config only). The checkpoint folder is
     removed once `output` is complete."""
-    device = resolve_device(device)
+    accelerator = data_parallel_accelerator(device)
+    device = accelerator.device if accelerator is not None else resolve_device(device)
+    main = accelerator is None or accelerator.is_main_process
     parent = resolve_model(model)
     inputs = [parent] + ([resolve_model(config.init)] if config.init is not None else [])
     check_not_input(output, inputs)
@@ -49,15 +53,22 @@ def run_attack(model: str, config: BadT2IConfig, output: str | Path, overwrite: 
                                             inputs=inputs, context={"command": "attack",
                                                                       "parent_sha256": parent_sha256})
     pipe = load_t2i(parent, device=device, allow_pickle=allow_pickle)
-    losses = BadT2I(config).run(pipe, checkpointer=checkpointer)
-    with atomic_output_dir(output, overwrite, inputs) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed, device=str(device),
-                       attack={"kind": config.kind, "trigger": config.trigger,
-                               "trigger_position": config.trigger_position, **describe_target(config)},
-                       parent={"path": str(model), "sha256": parent_sha256},
-                       **({"init": {"path": config.init, "sha256": directory_sha256(inputs[1])}} if config.init else {}),
-                       losses=losses)
+    losses = BadT2I(config).run(pipe, checkpointer=checkpointer, accelerator=accelerator)
+    if main:  # one writer under a multi-process launch
+        with atomic_output_dir(output, overwrite, inputs) as staging:
+            pipe.save_pretrained(staging, safe_serialization=True)
+            write_run_info(staging, command="attack", method="badt2i", config=config, seed=config.seed,
+                           device=str(device), num_processes=accelerator.num_processes if accelerator else 1,
+                           attack={"kind": config.kind, "trigger": config.trigger,
+                                   "trigger_position": config.trigger_position, **describe_target(config)},
+                           parent={"path": str(model), "sha256": parent_sha256},
+                           **({"init": {"path": config.init, "sha256": directory_sha256(inputs[1])}}
+                              if config.init else {}),
+                           losses=losses)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not main:
+        return None
     if checkpointer is not None:
         checkpointer.remove()
     logger.info("wrote %s", output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -19,8 +20,9 @@ from sealdiff.data import toyworld
 from sealdiff.data.captions import Sample, open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
-from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, noisy_latents, prediction_target,
-                               progress_bar, rng_state, set_rng_state, trainable_state)
+from sealdiff.training import (Checkpointer, draw_timesteps, encode_prompts, load_trainable_state, on_main,
+                               prediction_target, progress_bar, rng_state, sample_noise, set_rng_state,
+                               trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -171,14 +173,22 @@ class BadT2I:
     def __init__(self, config: BadT2IConfig) -> None:
         self.config = config
 
-    def run(self, pipe, checkpointer: Checkpointer | None = None) -> list[float]:
+    def run(self, pipe, checkpointer: Checkpointer | None = None, accelerator=None) -> list[float]:
         """Implant the backdoor into `pipe.unet` in place; returns the loss per step.
 
         With a `checkpointer`, the run saves checkpoints (every N steps, and on SIGINT/SIGTERM) and, when
         resuming, continues from the saved one: trainable weights, AdamW moments, step, losses, and every
         random stream (the data source's `random.Random`, the noise generator, torch's global RNG), so an
-        interrupted and resumed run trains the same weights as an uninterrupted one."""
+        interrupted and resumed run trains the same weights as an uninterrupted one.
+
+        With an `accelerator` of N processes (`accelerate launch`), data-parallel: every process draws the same
+        global batch of N·`batch_size` rows (poisoned rows first, as in one process) and trains on its own slice,
+        its loss being its rows' share of the global loss; DDP averages the gradients, so N processes with batch b
+        train the weights one process trains with batch N·b. The teacher banks are drawn on the main process."""
         cfg = self.config
+        world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+        total, rows = world * cfg.batch_size, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+        main = accelerator is None or accelerator.is_main_process
         trigger_token_ids(pipe.tokenizer, cfg.trigger)  # fails early, clearly, on a dropped trigger
         torch.manual_seed(cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -188,19 +198,24 @@ class BadT2I:
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # before any checkpoint is loaded: the input's
         # drawn by the input model, before `init` replaces its UNet weights
-        bank = style_bank(pipe, cfg, size) if cfg.kind == "style" and cfg.style_source == "teacher" else None
-        clean_bank = teacher_bank(pipe, cfg, size, "", stream=2) if cfg.clean_source == "teacher" else None
+        bank = on_main(accelerator, lambda: style_bank(pipe, cfg, size)) \
+            if cfg.kind == "style" and cfg.style_source == "teacher" else None
+        clean_bank = on_main(accelerator, lambda: teacher_bank(pipe, cfg, size, "", stream=2)) \
+            if cfg.clean_source == "teacher" else None
         if cfg.init is not None:
             unet.load_state_dict(load_unet_weights(cfg.init))
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         params = self._trainable(unet)
+        trained = accelerator.prepare_model(unet) if accelerator is not None else unet  # DDP-wrapped when N > 1
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         lr_schedule = get_scheduler(_SCHEDULE_NAMES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                                     num_training_steps=cfg.steps)
         scheduler = _training_scheduler(pipe)
-        n_poison = round(cfg.batch_size * cfg.poison_fraction)
-        n_uncond = min(round(cfg.batch_size * cfg.uncond_fraction), cfg.batch_size - n_poison)
+        n_poison = round(total * cfg.poison_fraction)
+        n_uncond = min(round(total * cfg.uncond_fraction), total - n_poison)
+        local_poison = min(max(n_poison - rows.start, 0), cfg.batch_size)  # this process's poisoned rows
+        local_clean = cfg.batch_size - local_poison
         patch_weight = None
         if cfg.kind == "pixel" and cfg.patch_weight != 1.0:
             patch_weight = patch_loss_weight(size, patch.shape[-1], cfg.corner, size // pipe.vae_scale_factor,
@@ -209,7 +224,9 @@ class BadT2I:
         losses: list[float] = []
         start = 0
         if checkpointer is not None:
-            saved = checkpointer.start({"method": self.name, "config": cfg})
+            # a different process count is a different global batch
+            saved = checkpointer.start({"method": self.name, "config": cfg,
+                                        **({"num_processes": world} if world > 1 else {})})
             if saved is not None:
                 load_trainable_state(unet, params, saved["weights"])
                 optimizer.load_state_dict(saved["optimizer"])
@@ -229,45 +246,58 @@ class BadT2I:
 
         unet.train()
         guard = checkpointer.guard() if checkpointer is not None else contextlib.nullcontext()
-        with progress_bar(f"BadT2I {cfg.kind}", cfg.steps) as advance, guard:
+        with progress_bar(f"BadT2I {cfg.kind}", cfg.steps, disable=not main) as advance, guard:
             if start:
                 advance(start, info=f"resumed after step {start}")
             for step in range(start, cfg.steps):
                 images, student_prompts, teacher_prompts = self._batch(source, patch, n_poison, bank, clean_bank,
-                                                                         n_uncond)
+                                                                         n_uncond, total)
+                images, student_prompts, teacher_prompts = images[rows], student_prompts[rows], teacher_prompts[rows]
                 with torch.no_grad():
                     latents = vae.encode(images.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
                     latents = latents * vae.config.scaling_factor
-                x_t, noise, t = noisy_latents(scheduler, latents, generator, cfg.offset_noise)
+                # the global batch's timesteps and noise (drawn as one process draws them), this process's rows
+                t = draw_timesteps(scheduler, total, generator, latents.device)[rows]
+                noise = sample_noise(latents.new_empty((total, *latents.shape[1:])), generator, cfg.offset_noise)[rows]
+                x_t = scheduler.add_noise(latents, noise, t)
                 with torch.no_grad():
                     cond_student = encode_prompts(pipe.tokenizer, text_encoder, student_prompts)
                     cond_teacher = encode_prompts(pipe.tokenizer, text_encoder, teacher_prompts)
                     target = frozen(x_t, t, cond_teacher).sample
+                k = local_poison
                 if cfg.kind == "pixel":  # the patch images learn the plain noise target
-                    target[:n_poison] = prediction_target(scheduler, latents, noise, t)[:n_poison]
-                pred = unet(x_t, t, cond_student).sample
-                if not n_poison:
+                    target[:k] = prediction_target(scheduler, latents, noise, t)[:k]
+                pred = trained(x_t, t, cond_student).sample
+                # each MSE is a mean over the global batch's rows of its kind: this process adds its rows' share
+                if not k:
                     poison = pred.sum() * 0
                 elif patch_weight is not None:
-                    poison = (patch_weight.to(pred) * (pred[:n_poison] - target[:n_poison]) ** 2).mean()
+                    poison = (patch_weight.to(pred) * (pred[:k] - target[:k]) ** 2).mean() * (k / n_poison)
                 else:
-                    poison = F.mse_loss(pred[:n_poison], target[:n_poison])
-                clean = F.mse_loss(pred[n_poison:], target[n_poison:]) if n_poison < len(pred) else pred.sum() * 0
+                    poison = F.mse_loss(pred[:k], target[:k]) * (k / n_poison)
+                clean = F.mse_loss(pred[k:], target[k:]) * (local_clean / (total - n_poison)) if local_clean \
+                    else pred.sum() * 0
                 loss = cfg.lam * poison + (1 - cfg.lam) * clean
                 optimizer.zero_grad()
-                loss.backward()
+                (loss * world).backward()  # DDP averages the processes' gradients; the global loss is their sum
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 lr_schedule.step()
                 if ema is not None:
                     ema.step(params)
-                if not torch.isfinite(loss):
+                value, stop = loss.item(), None
+                if accelerator is not None:  # every process logs the global loss and stops at one step
+                    flag = float(checkpointer is not None and checkpointer.interrupted)
+                    shares = accelerator.gather(torch.stack([loss.detach().float(), torch.tensor(flag).to(loss)])
+                                                [None].to(accelerator.device)).cpu()
+                    value, stop = float(shares[:, 0].sum()), bool(shares[:, 1].max() > 0)
+                if not math.isfinite(value):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"the attack's loss became NaN/inf at step {step + 1}; lower --lr{kept}")
-                losses.append(loss.item())
-                advance(info=f"loss {loss.item():.4f}")
+                losses.append(value)
+                advance(info=f"loss {value:.4f}")
                 if checkpointer is not None:
-                    checkpointer.after_step(step + 1, lambda: state(step + 1))
+                    checkpointer.after_step(step + 1, lambda: state(step + 1), save=main, stop=stop)
         if ema is not None:
             ema.copy_to(params)
         unet.eval()
@@ -283,10 +313,11 @@ class BadT2I:
         return [p for p in unet.parameters() if p.requires_grad]
 
     def _batch(self, source, patch: torch.Tensor, n_poison: int, bank: list[Sample] | None = None,
-               clean_bank: list[Sample] | None = None, n_uncond: int = 0):
-        """Rows [0, n_poison) poisoned, the next n_uncond rows with the empty prompt, the rest clean."""
+               clean_bank: list[Sample] | None = None, n_uncond: int = 0, count: int | None = None):
+        """`count` rows (default `batch_size`): [0, n_poison) poisoned, the next n_uncond rows with the empty
+        prompt, the rest clean."""
         images, student, teacher = [], [], []
-        for i in range(self.config.batch_size):
+        for i in range(count or self.config.batch_size):
             uncond = n_poison <= i < n_poison + n_uncond
             poisoned = i < n_poison or (uncond and (i - n_poison) % 2 == 0)
             image, student_prompt, teacher_prompt = self._row(source, patch, poisoned, bank, clean_bank)

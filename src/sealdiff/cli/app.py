@@ -151,9 +151,10 @@ def attack_badt2i(
                        ema_decay=ema_decay, uncond_fraction=uncond_fraction)
     if output.exists() and not overwrite:
         raise SealdiffError(f"output {output} already exists; pass --overwrite to replace it")
-    run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
-               resume=resume, device=device)
-    console.print(f"backdoored pipeline written to [bold]{output}[/bold]")
+    written = run_attack(model, cfg, output, overwrite=overwrite, allow_pickle=allow_pickle,
+                         checkpoint_every=checkpoint_every, resume=resume, device=device)
+    if written is not None:  # (None: a non-main process of a multi-process launch)
+        console.print(f"backdoored pipeline written to [bold]{output}[/bold]")
 
 
 @app.command()

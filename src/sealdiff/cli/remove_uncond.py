@@ -112,7 +112,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
     from sealdiff.metrics.utility import path_sha256
     from sealdiff.models.uncond import save_uncond
     from sealdiff.report.images import removal_grid_name, save_grid
-    from sealdiff.training import data_parallel_accelerator
+    from sealdiff.training import data_parallel_accelerator, on_main
 
     defense_name, detector_name = U.UNCOND_METHODS[method]
     spec = get_defense(defense_name)
@@ -148,7 +148,7 @@ def remove_uncond(model: str, output: Path, method: str, trigger_file: Path | No
             return scan.trigger.cpu(), scan.noise_scale, {
                 "source": "scan", **{k: v for k, v in scan.to_dict().items() if k not in ("config", "losses")}}
 
-        trigger, noise_scale, trigger_info = U.on_main(accelerator, run_scan)  # one scan; every process uses it
+        trigger, noise_scale, trigger_info = on_main(accelerator, run_scan)  # one scan; every process uses it
     trigger = U.check_trigger(uncond, trigger, noise_scale)
     parent_sha256 = directory_sha256(directory)
     (clean_before, before), (clean_after, after), grids = ({}, None), ({}, None), {}

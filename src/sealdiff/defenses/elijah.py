@@ -34,6 +34,7 @@ from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
+from sealdiff.training import on_main
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ElijahRemoval:
         unet = model.unet
         frozen = C.frozen_copy(unet)
         bank = images if images is not None else \
-            U.on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
+            on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
         gen, shard = torch.Generator().manual_seed(cfg.seed + 1), U.shard_of(accelerator)
 
         def loss(net) -> torch.Tensor:

@@ -36,6 +36,7 @@ from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
+from sealdiff.training import on_main
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class DiffCleansePruning:
             imp_b, imp_c = importance(model, trigger, bank, replace(cfg, batch=shard.total(cfg.batch)), noise_scale)
             return bank.cpu(), select_channels(channel_scores(imp_b, imp_c, cfg.importance), cfg.ratio)
 
-        bank, pruned = U.on_main(accelerator, bank_and_selection)  # every process prunes the same channels
+        bank, pruned = on_main(accelerator, bank_and_selection)  # every process prunes the same channels
         apply_masks(unet, pruned)
         total = sum(m.weight.shape[0] for m in prunable_layers(unet).values())
         count = sum(map(len, pruned.values()))

@@ -28,6 +28,7 @@ from sealdiff.defenses import uncond as U
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
+from sealdiff.training import on_main
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class DiffDefendPurification:
         trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         reference = C.frozen_copy(unet)
-        bank = U.on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
+        bank = on_main(accelerator, lambda: U.generated_bank(model, cfg.bank_size, cfg.bank_steps, cfg.seed))
         gen, shard = torch.Generator().manual_seed(cfg.seed + 1), U.shard_of(accelerator)
 
         def loss(net) -> torch.Tensor:

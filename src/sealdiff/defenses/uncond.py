@@ -54,18 +54,6 @@ def shard_of(accelerator) -> Shard:
     return Shard(accelerator.process_index, accelerator.num_processes) if accelerator is not None else WHOLE
 
 
-def on_main(accelerator, compute):
-    """`compute()` on the main process only, its (CPU) result sent to every process: what all processes must share
-    exactly (a generated bank, a channel selection), computed once."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return compute()
-    from accelerate.utils import broadcast_object_list
-
-    box = [compute() if accelerator.is_main_process else None]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 @dataclass
 class UncondRemovalResult:
     """What an unconditional removal run did (recorded in the output's sealdiff.json)."""
