@@ -156,6 +156,18 @@ def data_parallel_accelerator(device: str = "auto"):
     return accelerator
 
 
+def gather_step(accelerator, values: torch.Tensor, checkpointer: "Checkpointer | None" = None
+                ) -> tuple[torch.Tensor, bool | None]:
+    """After a data-parallel step: (every process's `values` stacked as (N, ...) on the CPU, whether any process
+    was asked to stop, so that all stop at this step); (values[None], None) for a single process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return values.detach()[None].cpu(), None
+    flag = torch.tensor([float(checkpointer is not None and checkpointer.interrupted)])
+    row = torch.cat([values.detach().float().flatten().cpu(), flag])
+    gathered = accelerator.gather(row[None].to(accelerator.device)).cpu()
+    return gathered[:, :-1].view(-1, *values.shape), bool(gathered[:, -1].max() > 0)
+
+
 def on_main(accelerator, compute):
     """`compute()` on the main process only, its (CPU) result sent to every process: what all processes must share
     exactly (a generated bank, a channel selection), computed once."""

@@ -27,7 +27,8 @@ from sealdiff.data import uncond_toy
 from sealdiff.data.images import FolderImageSource, image_files, image_source
 from sealdiff.errors import SealdiffError
 from sealdiff.models.uncond import UncondModel, unet_output
-from sealdiff.training import Checkpointer, load_trainable_state, progress_bar, rng_state, set_rng_state, trainable_state
+from sealdiff.training import (Checkpointer, gather_step, load_trainable_state, progress_bar, rng_state,
+                               set_rng_state, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -263,12 +264,8 @@ def train_uncond(model: UncondModel, source: uncond_toy.ToyImageSource | FolderI
                     decay = min(ema_decay, (1 + step) / (10 + step))
                     with torch.no_grad():
                         torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-                all_rows, stop = per_row.detach(), None
-                if accelerator is not None:  # every process logs the global batch's rows and stops at one step
-                    flag = float(checkpointer is not None and checkpointer.interrupted)
-                    gathered = accelerator.gather(torch.cat([all_rows, torch.tensor([flag])]).to(accelerator.device))
-                    gathered = gathered.view(world, batch_size + 1).cpu()
-                    all_rows, stop = gathered[:, :-1].flatten(), bool(gathered[:, -1].max() > 0)
+                all_rows, stop = gather_step(accelerator, per_row, checkpointer)  # the global batch's rows
+                all_rows = all_rows.flatten()
                 value = all_rows.mean().item()
                 if not math.isfinite(value):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""

@@ -20,8 +20,8 @@ from sealdiff.data import toyworld
 from sealdiff.data.captions import Sample, open_source
 from sealdiff.data.triggers import insert_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
-from sealdiff.training import (Checkpointer, draw_timesteps, encode_prompts, load_trainable_state, on_main,
-                               prediction_target, progress_bar, rng_state, sample_noise, set_rng_state,
+from sealdiff.training import (Checkpointer, draw_timesteps, encode_prompts, gather_step, load_trainable_state,
+                               on_main, prediction_target, progress_bar, rng_state, sample_noise, set_rng_state,
                                trainable_state)
 
 logger = logging.getLogger(__name__)
@@ -285,12 +285,8 @@ class BadT2I:
                 lr_schedule.step()
                 if ema is not None:
                     ema.step(params)
-                value, stop = loss.item(), None
-                if accelerator is not None:  # every process logs the global loss and stops at one step
-                    flag = float(checkpointer is not None and checkpointer.interrupted)
-                    shares = accelerator.gather(torch.stack([loss.detach().float(), torch.tensor(flag).to(loss)])
-                                                [None].to(accelerator.device)).cpu()
-                    value, stop = float(shares[:, 0].sum()), bool(shares[:, 1].max() > 0)
+                shares, stop = gather_step(accelerator, loss, checkpointer)
+                value = loss.item() if world == 1 else float(shares.sum())  # the global loss
                 if not math.isfinite(value):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"the attack's loss became NaN/inf at step {step + 1}; lower --lr{kept}")

@@ -36,9 +36,9 @@ from sealdiff.config import check_choice, help_field
 from sealdiff.data.triggers import aligned_columns, insert_trigger, locate_trigger, remove_trigger, trigger_token_ids
 from sealdiff.errors import SealdiffError
 from sealdiff.models.attention import AttentionStore, CapturingAttnProcessor, cross_attention_layers, token_maps
-from sealdiff.training import (Checkpointer, encode_prompts, load_trainable_state, make_accelerator,
-                               prediction_target, progress_bar, rng_state, sample_noise, set_rng_state, tokenize,
-                               trainable_state)
+from sealdiff.training import (Checkpointer, encode_prompts, gather_step, load_trainable_state,
+                               make_accelerator, prediction_target, progress_bar, rng_state, sample_noise,
+                               set_rng_state, tokenize, trainable_state)
 
 logger = logging.getLogger(__name__)
 
@@ -811,13 +811,8 @@ class SelfKnowledgeDistillation:
                     self.ema.step(self.params)  # updates the shadow copy only
                 values = torch.stack([out.loss.detach(), out.pred_loss.detach(), out.attn_loss.detach(),
                                       out.retain_loss.detach()]).float()
-                stop = None
-                if checkpointer is not None and acc.num_processes > 1:  # every process stops at the same step
-                    flag = torch.tensor([float(checkpointer.interrupted)], device=values.device)
-                    gathered = acc.gather(torch.cat([values, flag])[None])
-                    values, stop = gathered[:, :-1].mean(dim=0).tolist(), bool(gathered[:, -1].max() > 0)
-                else:
-                    values = acc.gather(values[None]).mean(dim=0).tolist()
+                gathered, stop = gather_step(acc, values, checkpointer)
+                values = gathered.mean(dim=0).tolist()
                 if not all(math.isfinite(v) for v in values):
                     kept = checkpointer.kept_note() if checkpointer is not None else ""
                     raise SealdiffError(f"{cfg.method} diverged at step {step + 1} (loss {values[0]}); lower the "
