@@ -105,8 +105,7 @@ def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.
             optimizer.step()
             if after_step is not None:
                 after_step()
-            value = float(loss.detach()) if accelerator is None else \
-                float(accelerator.gather(loss.detach().float()[None].to(accelerator.device)).mean())
+            value = float(gather_step(accelerator, loss)[0].mean())
             if not math.isfinite(value):
                 raise SealdiffError(f"{description}: the loss became {value} at step {i + 1}; lower the learning rate")
             losses.append(value)
