@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -117,14 +118,20 @@ def run_optimizer(optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.
 # data parallelism: `accelerate launch`
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
+
+
 def launched_processes() -> int:
     """How many processes `accelerate launch` (or torchrun) started for this run; 1 when run directly."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def make_accelerator(cpu: bool = False, mixed_precision: str = "no"):
-    """An `accelerate.Accelerator` for this process (`cpu`: force the CPU)."""
+    """An `accelerate.Accelerator` for this process (`cpu`: force the CPU). Its process group waits up to
+    `PROCESS_GROUP_TIMEOUT` at a collective: the others wait there while the main process alone scans, draws a bank
+    or measures (`on_main`), which on a real model can outlast torch's default."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from sealdiff.models.loading import resolve_device
 
@@ -132,7 +139,8 @@ def make_accelerator(cpu: bool = False, mixed_precision: str = "no"):
     # Accelerate sets up a gloo (MULTI_CPU) process group only when told `cpu`; without it a multi-process
     # launch on a machine with no accelerator gives N independent runs.
     cpu = cpu or (launched > 1 and resolve_device("auto").type == "cpu")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend=None, timeout=PROCESS_GROUP_TIMEOUT)])
     if launched > 1 and accelerator.num_processes != launched:
         logger.warning("launched as %d processes but accelerate runs %d (%s)", launched, accelerator.num_processes,
                        accelerator.distributed_type)
