@@ -320,3 +320,12 @@ def test_badt2i_two_processes_batch_2_equal_one_process_batch_4(tiny_pipe_dir, t
     diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
     assert moved.max() > 1e-3
     assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()
+
+
+@pytest.mark.parametrize("command", [["scan", "zoo:uncond-ddpm-clean", "-o", "out"], ["zoo", "list"], ["demo"]])
+def test_a_multi_process_launch_of_a_one_process_command_is_refused(monkeypatch, tmp_path, capsys, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(command) == 2
+    assert f"`sealdiff {command[0]}` runs in one process" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,17 @@ CheckpointOption = typer.Option(100, "--checkpoint-every", min=0,
                                 help="save a checkpoint to OUTPUT.checkpoint/ every N steps and on Ctrl-C/SIGTERM "
                                      "(0 disables); removed once OUTPUT is written")
 ResumeOption = typer.Option(False, "--resume", help="continue an interrupted run from OUTPUT.checkpoint/")
+DATA_PARALLEL_COMMANDS = ("attack", "remove")  # the commands that train data-parallel under `accelerate launch`
+
+
+@app.callback()
+def _one_process_unless_data_parallel(ctx: typer.Context) -> None:
+    # N copies of any other command would each write the same output
+    from sealdiff.training import launched_processes
+
+    if launched_processes() > 1 and ctx.invoked_subcommand not in DATA_PARALLEL_COMMANDS:
+        raise SealdiffError(f"`sealdiff {ctx.invoked_subcommand}` runs in one process; a {launched_processes()}-process "
+                            f"launch applies to: {', '.join(DATA_PARALLEL_COMMANDS)}")
 
 
 def _threads(threads: Optional[int]) -> None:
