@@ -1,11 +1,11 @@
-"""`sealdiff remove` and the unconditional `sealdiff attack`s under `accelerate launch`: 2 data-parallel CPU processes
-(gloo) with batch b each train the same weights as 1 process with batch 2b.
+"""The training commands (`sealdiff attack`, `sealdiff remove`) under `accelerate launch`: 2 data-parallel CPU
+processes (gloo) with batch b each train the same weights as 1 process with batch 2b.
 
 Accelerate shards each global batch as process 0's samples, then process 1's, and SKD draws timesteps,
 noise and noise targets per sample from (seed, step, position in the global batch), so both runs see the
 same global batch; DDP averages the two halves' gradients, which is the batch-2 mean loss's gradient.
-The unconditional attacks draw the whole global batch in every process from the seeded streams and keep their
-slice. Only float noise separates them (Adam's step normalisation magnifies it where a gradient is ~0).
+The other training commands draw the whole global batch in every process from the seeded streams and keep
+their slice. Only float noise separates them (Adam's step normalisation magnifies it where a gradient is ~0).
 
 On a CPU-only machine `accelerate launch --cpu --num_processes 2` starts a single process; `--multi_gpu`
 starts two, and sealdiff asks Accelerate for the CPU (gloo) process group when no accelerator is present.
@@ -37,12 +37,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
+def clean_env() -> dict[str, str]:
+    """One CPU thread, offline, no GPU, and no trace of an enclosing launch."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def launch_two(args: list[str], port: int) -> list[str]:
+    """Interpreter arguments of `accelerate launch` with 2 gloo processes running `sealdiff ARGS`."""
+    return ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "sealdiff",
+            *args]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{args[:3]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -57,10 +69,8 @@ def unet_weights(directory) -> dict[str, torch.Tensor]:
 def test_two_processes_batch_1_equal_one_process_batch_2(tiny_pipe_dir, tmp_path):
     attacked = tmp_path / "attacked"
     assert main(["attack", "badt2i", str(tiny_pipe_dir), "-o", str(attacked), "--steps", "1", "--batch-size", "2"]) == 0
-    port = free_port()
-    two = run(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               "-m", "sealdiff", "remove", str(attacked), "-o", str(tmp_path / "two"), "--batch-size", "1", *REMOVE])
+    two = run(launch_two(["remove", str(attacked), "-o", str(tmp_path / "two"), "--batch-size", "1", *REMOVE],
+                         free_port()))
     run(["-m", "sealdiff", "remove", str(attacked), "-o", str(tmp_path / "one"), "--batch-size", "2", *REMOVE])
 
     info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
@@ -157,15 +167,29 @@ def test_batched_attention_loss_matches_per_sample_loop_and_ignores_batch_split(
 
 
 # --------------------------------------------------------------------------------------------------
-# unconditional attacks: data-parallel training (`attack baddiffusion | trojdiff | villandiffusion`)
+# the other training commands: attacks and the unconditional removals
+
+
+def assert_same_training(one: Path, two: Path, base: Path, loss_keys=("losses",)) -> None:
+    """The 1-process and the 2-process run logged the same losses, and their UNets agree up to float noise (a weight
+    whose gradient is ~0 may take another Adam direction, so the check is on almost every weight)."""
+    from safetensors.torch import load_file
+
+    info = {name: json.loads((d / "sealdiff.json").read_text()) for name, d in (("one", one), ("two", two))}
+    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
+    for key in loss_keys:
+        torch.testing.assert_close(torch.tensor(info["two"][key]), torch.tensor(info["one"][key]), rtol=1e-5,
+                                   atol=1e-7)
+    weights = {name: {k: v.float() for k, v in load_file(d / "unet" / "diffusion_pytorch_model.safetensors").items()}
+               for name, d in (("one", one), ("two", two), ("base", base))}
+    moved = torch.cat([(weights["one"][k] - weights["base"][k]).abs().flatten() for k in weights["base"]])
+    diff = torch.cat([(weights["one"][k] - weights["two"][k]).abs().flatten() for k in weights["base"]])
+    assert moved.max() > 5e-4  # the runs trained
+    assert (diff > 1e-6).float().mean() < 1e-3, f"{(diff > 1e-6).float().mean():.2%} of the weights differ"
+    assert diff.max() < 0.5 * moved.max()
+
 
 UNCOND_ATTACK = ["--steps", "3", "--seed", "0", "--trigger-size", "3", "--lr-schedule", "cosine"]
-
-
-def launch_two(args: list[str], port: int, **popen) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "-m", "sealdiff", *args]
 
 
 def uncond_base(tmp_path, kind: str):
@@ -177,34 +201,15 @@ def uncond_base(tmp_path, kind: str):
     return tmp_path / "base"
 
 
-def assert_same_training(one, two, base) -> None:
-    """Same losses; the weights agree up to float noise (a weight whose gradient is ~0 may take another Adam
-    direction, so the check is on almost every weight)."""
-    from safetensors.torch import load_file
-
-    info = {name: json.loads((d / "sealdiff.json").read_text()) for name, d in (("one", one), ("two", two))}
-    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
-    for key in ("losses", "poison_losses"):
-        torch.testing.assert_close(torch.tensor(info["two"][key]), torch.tensor(info["one"][key]), rtol=1e-5,
-                                   atol=1e-7)
-    weights = {name: load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
-               for name, d in (("one", one), ("two", two), ("base", base))}
-    moved = torch.cat([(weights["one"][k] - weights["base"][k]).abs().flatten() for k in weights["base"]])
-    diff = torch.cat([(weights["one"][k] - weights["two"][k]).abs().flatten() for k in weights["base"]])
-    assert moved.max() > 5e-4  # the runs trained
-    assert (diff > 1e-6).float().mean() < 1e-3, f"{(diff > 1e-6).float().mean():.2%} of the weights differ"
-    assert diff.max() < 0.5 * moved.max()
-
-
 @pytest.mark.parametrize("attack,kind", [("villandiffusion", "ncsn"), ("villandiffusion", "ldm")])
 def test_uncond_attack_two_processes_batch_2_equal_one_process_batch_4(tmp_path, attack, kind):
     base = uncond_base(tmp_path, kind)
     two = run(launch_two(["attack", attack, str(base), "-o", str(tmp_path / "two"), "--batch-size", "2",
-                          *UNCOND_ATTACK], free_port())[1:])
+                          *UNCOND_ATTACK], free_port()))
     run(["-m", "sealdiff", "attack", attack, str(base), "-o", str(tmp_path / "one"), "--batch-size", "4",
          *UNCOND_ATTACK])
     assert (two.stdout + two.stderr).count("backdoored model written") == 1  # the main process wrote it
-    assert_same_training(tmp_path / "one", tmp_path / "two", base)
+    assert_same_training(tmp_path / "one", tmp_path / "two", base, ("losses", "poison_losses"))
 
 
 def test_uncond_attack_two_processes_interrupted_and_resumed_equal_one_process(tmp_path):
@@ -218,10 +223,8 @@ def test_uncond_attack_two_processes_interrupted_and_resumed_equal_one_process(t
     steps = ["--steps", "40", "--seed", "0", "--trigger-size", "3", "--checkpoint-every", "2"]
     args = ["attack", "baddiffusion", str(base), "-o", str(tmp_path / "two"), "--batch-size", "2", *steps]
     checkpoint = tmp_path / "two.checkpoint" / "checkpoint.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
-        env.pop(name, None)
-    proc = subprocess.Popen(launch_two(args, free_port()), env=env, stdout=subprocess.PIPE,
+    env = clean_env()
+    proc = subprocess.Popen([sys.executable, *launch_two(args, free_port())], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not checkpoint.is_file():
@@ -239,11 +242,11 @@ def test_uncond_attack_two_processes_interrupted_and_resumed_equal_one_process(t
     refused = subprocess.run([sys.executable, "-m", "sealdiff", *args, "--resume"], env=env, capture_output=True,
                              text=True, timeout=600)
     assert refused.returncode == 2 and "num_processes" in refused.stderr  # 1 process: another global batch
-    run(launch_two([*args, "--resume"], free_port())[1:])
+    run(launch_two([*args, "--resume"], free_port()))
     run(["-m", "sealdiff", "attack", "baddiffusion", str(base), "-o", str(tmp_path / "one"), "--batch-size", "4",
          *steps])
     assert not checkpoint.parent.exists()  # removed once the output was written
-    assert_same_training(tmp_path / "one", tmp_path / "two", base)
+    assert_same_training(tmp_path / "one", tmp_path / "two", base, ("losses", "poison_losses"))
 
 
 def test_a_multi_process_launch_refuses_a_named_device(monkeypatch):
@@ -256,9 +259,6 @@ def test_a_multi_process_launch_refuses_a_named_device(monkeypatch):
     with pytest.raises(SealdiffError, match="--device cuda:1 cannot be combined with a 2-process launch"):
         data_parallel_accelerator("cuda:1")
 
-
-# --------------------------------------------------------------------------------------------------
-# unconditional removals: data-parallel fine-tuning (`remove --method elijah | diff-cleanse | diffdefend`)
 
 MICRO_BACKDOORED = Path(__file__).parent / "assets" / "uncond_micro" / "backdoored"
 
@@ -279,25 +279,15 @@ def test_uncond_removal_two_processes_batch_2_equal_one_process_batch_4(tmp_path
         trigger = ["--trigger-file", str(tmp_path / "scan")]
     args = ["remove", str(MICRO_BACKDOORED), "--method", method, "--config", str(config), "--measure", "4",
             "--sampler", "ddpm", *trigger]
-    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port())[1:])
+    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port()))
     run(["-m", "sealdiff", *args, "-o", str(tmp_path / "one"), "--batch-size", "4"])
     log = two.stdout + two.stderr
     assert log.count("repaired model written") == 1 and log.count("measuring before") == 1, log[-3000:]
     info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
-    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
     scans = [{k: v for k, v in info[name]["trigger"].items() if k != "seconds"} for name in ("one", "two")]
     assert scans[0] == scans[1]  # (elijah: one scan, whose trigger both processes use)
     assert info["one"]["result"]["extra"] == info["two"]["result"]["extra"]  # (diff-cleanse: the same channels)
-    torch.testing.assert_close(torch.tensor(info["two"]["losses"]), torch.tensor(info["one"]["losses"]), rtol=1e-5,
-                               atol=1e-7)
-    from safetensors.torch import load_file
-
-    base, one, two_w = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors")
-                        for d in (MICRO_BACKDOORED, tmp_path / "one", tmp_path / "two"))
-    moved = torch.cat([(one[k].float() - base[k].float()).abs().flatten() for k in base])
-    diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
-    assert moved.max() > 1e-3
-    assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()
+    assert_same_training(tmp_path / "one", tmp_path / "two", MICRO_BACKDOORED)
 
 
 def test_badt2i_two_processes_batch_2_equal_one_process_batch_4(tiny_pipe_dir, tmp_path):
@@ -308,18 +298,10 @@ def test_badt2i_two_processes_batch_2_equal_one_process_batch_4(tiny_pipe_dir, t
     config.write_text(json.dumps({"poison_fraction": 0.75}))
     args = ["attack", "badt2i", str(tiny_pipe_dir), "--steps", "3", "--seed", "0", "--lr", "1e-3", "--patch-weight", "2",
             "--uncond-fraction", "0.25", "--clean-source", "teacher", "--style-bank", "4", "--config", str(config)]
-    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port())[1:])
+    two = run(launch_two([*args, "-o", str(tmp_path / "two"), "--batch-size", "2"], free_port()))
     run(["-m", "sealdiff", *args, "-o", str(tmp_path / "one"), "--batch-size", "4"])
     assert (two.stdout + two.stderr).count("backdoored pipeline written") == 1
-    info = {name: json.loads((tmp_path / name / "sealdiff.json").read_text()) for name in ("one", "two")}
-    assert (info["one"]["num_processes"], info["two"]["num_processes"]) == (1, 2)
-    torch.testing.assert_close(torch.tensor(info["two"]["losses"]), torch.tensor(info["one"]["losses"]), rtol=1e-5,
-                               atol=1e-7)
-    base, one, two_w = (unet_weights(d) for d in (tiny_pipe_dir, tmp_path / "one", tmp_path / "two"))
-    moved = torch.cat([(one[k] - base[k]).abs().flatten() for k in base])
-    diff = torch.cat([(one[k] - two_w[k]).abs().flatten() for k in base])
-    assert moved.max() > 1e-3
-    assert (diff > 1e-6).float().mean() < 1e-3 and diff.max() < 0.5 * moved.max()
+    assert_same_training(tmp_path / "one", tmp_path / "two", tiny_pipe_dir)
 
 
 @pytest.mark.parametrize("command", [["scan", "zoo:uncond-ddpm-clean", "-o", "out"], ["zoo", "list"], ["demo"]])
