@@ -118,10 +118,8 @@ def chain_backdoor_loss(model, unet, trigger: torch.Tensor, bank: torch.Tensor, 
                         generator: torch.Generator, low: float, gamma: float = 1.0) -> torch.Tensor:
     """‖ε_θ(x_t + c_t·τ, t) − sg[ε_θ(x_t, t)]‖² with x_t = a_t·x0 + γ·b_t·ε on generated x0 and t in [low, 1]·T:
     the trigger's pull along the poisoned forward process (c_t: BadDiffusion's 1 − √ᾱ_t; 1 at T)."""
-    x0 = bank[torch.randint(0, len(bank), (batch,), generator=generator)]
-    noise = gamma * torch.randn(x0.shape, generator=generator)
-    levels = U.sample_levels(model, batch, generator, low=low)
-    x_t = U.noised(levels, x0, noise)
+    x0, noise, levels = U.draw_rows(model, bank, batch, generator, U.WHOLE, low)
+    x_t = U.noised(levels, x0, gamma * noise)
     with torch.no_grad():
         clean = U.per_sample_eps(model, unet, x_t, levels)
     return (U.per_sample_eps(model, unet, x_t + U.shifts(model, levels) * trigger, levels) - clean).pow(2).mean()
@@ -211,7 +209,6 @@ class DiffCleansePruning:
         trigger = U.check_trigger(model, trigger, noise_scale)
         unet = model.unet
         unpruned = C.frozen_copy(unet)
-
         shard = U.shard_of(accelerator)
 
         def bank_and_selection():  # the importance batches are global batches, as in one process
