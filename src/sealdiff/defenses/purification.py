@@ -49,6 +49,9 @@ class PurificationConfig:
     trigger_scale_low: float = help_field("lowest strength k of the stamped k·τ (drawn uniformly up to "
                                           "trigger_scale_high)", default=0.5)
     trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=6.0)
+    trigger_channel_means: float = help_field("each stamp is k·c_t·(τ + m), m per channel drawn uniformly in ±this "
+                                              "times τ's RMS (0: τ alone): the inverted τ has no channel means",
+                                              default=0.0)
     bank_size: int = help_field("reference-generated images (no real data)", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -63,6 +66,8 @@ class PurificationConfig:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
         U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
+        if self.trigger_channel_means < 0:
+            raise SealdiffError(f"trigger_channel_means {self.trigger_channel_means} is invalid; valid: a number >= 0")
         if not 0.0 <= self.removal_low <= 1.0:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
 
@@ -89,7 +94,7 @@ class DiffDefendPurification:
         def loss(net) -> torch.Tensor:
             removal = U.distill_loss(model, net, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
                                      target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                     gamma=noise_scale, shard=shard)
+                                     gamma=noise_scale, channel_means=cfg.trigger_channel_means, shard=shard)
             keep = U.distill_loss(model, net, reference, bank, cfg.batch, gen, shard=shard)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 

@@ -121,7 +121,8 @@ def trojan_scales(count: int, gamma: float, generator: torch.Generator) -> torch
 
 def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator: torch.Generator,
                  trigger: torch.Tensor | None = None, low: float = 0.0, target: RemovalTarget = "eps",
-                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0, shard: Shard = WHOLE) -> torch.Tensor:
+                 scales: tuple[float, float] = (1.0, 1.0), gamma: float = 1.0, channel_means: float = 0.0,
+                 shard: Shard = WHOLE) -> torch.Tensor:
     """‖ε̂_θ(x_t [+ k·c_t·τ], t) − y‖²: without `trigger`, y = ε̂_teacher(x_t, t) (retention: keep the teacher's
     answers). With it (removal), the triggered input must be answered as the teacher answers the clean one:
     `target='eps'` y = ε̂_teacher(x_t, t) (the offset is ignored); `target='x0'` y = ε̂_teacher(x_t, t) + k·c_t·τ/b_t,
@@ -130,20 +131,27 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     direction at other strengths than the inverted one's. `gamma` < 1 (an inverted trojan input x_T = γ·ε + τ,
     TrojDiff's) also scales the triggered input's noise by g, drawn per sample uniformly in [γ, 1] (a backdoor that
     answers γ·ε + τ may answer ε + τ too): x_t − (1−g)·b_t·ε + k·c_t·τ; its x0 target keeps the teacher's clean x̂0,
-    y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t))."""
+    y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t)). `channel_means` > 0
+    stamps τ + m instead of τ, m a per-sample, per-channel constant drawn uniformly in ±channel_means·rms(τ): an
+    inverted trigger has no channel means (the search removes them), while a true trigger's can carry the backdoor."""
     x0, noise, levels = draw_rows(model, bank, batch, generator, shard, low)
     if trigger is not None:
         k = shard.take(scales[0] + (scales[1] - scales[0]) * torch.rand(shard.total(batch), 1, 1, 1,
                                                                        generator=generator), batch)
         # (drawn only for γ < 1: the γ = 1 removal keeps its random stream)
         g = shard.take(trojan_scales(shard.total(batch), gamma, generator), batch) if gamma != 1.0 else None
+        means = None
+        if channel_means > 0:  # (drawn only then, as g)
+            rms = float(trigger.pow(2).mean().sqrt())
+            means = shard.take((2 * torch.rand(shard.total(batch), trigger.shape[0], 1, 1, generator=generator) - 1)
+                               * channel_means * rms, batch)
     x_t = noised(levels, x0, noise)
     with torch.no_grad():
         answer = per_sample_eps(model, teacher, x_t, levels)
     if trigger is None:
         return (per_sample_eps(model, unet, x_t, levels) - answer).pow(2).mean()
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
-    offset = k * shifts(model, levels) * trigger
+    offset = k * shifts(model, levels) * (trigger if means is None else trigger + means)
     if g is not None:
         offset = offset - (1.0 - g) * (b * noise)
     if target == "x0":
