@@ -395,6 +395,41 @@ def test_elijah_last_step_targets_on_a_denoiser_that_ignores_triggers(backdoored
         assert abs(loss("eps") - loss("eps", 1.0)) > 1e-3
 
 
+class _InputRecorder(torch.nn.Module):
+    """A UNet stand-in that answers zeros and keeps what it was called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+
+    def forward(self, x, t):
+        self.inputs.append(x.detach().clone())
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+@pytest.mark.parametrize("channel_means", [0.0, 1.5])
+def test_removal_stamps_a_random_channel_mean_beside_the_trigger(backdoored, channel_means):
+    """`channel_means` > 0: each row's stamp is c_t·(τ + m) with m constant over each channel, drawn per row within
+    ±channel_means·rms(τ); 0 stamps c_t·τ alone."""
+    from sealdiff.defenses.uncond import distill_loss
+
+    trigger = M.trigger()
+    trigger = trigger - trigger.mean(dim=(1, 2), keepdim=True)  # zero-mean, as an inverted trigger: m ⟂ τ
+    teacher, student = _InputRecorder(), _InputRecorder()
+    distill_loss(backdoored, student, teacher, torch.zeros(4, *backdoored.sample_shape), 16,
+                 torch.Generator().manual_seed(0), trigger=trigger, low=0.3, channel_means=channel_means)
+    offset = student.inputs[0] - teacher.inputs[0]
+    share = (offset * trigger).flatten(1).sum(1) / trigger.pow(2).sum()  # c_t of each row
+    means = offset / share.view(-1, 1, 1, 1) - trigger
+    assert float(means.std(dim=(2, 3)).max()) < 1e-4  # constant over each channel
+    bound = channel_means * float(trigger.pow(2).mean().sqrt())
+    assert float(means.abs().max()) <= bound + 1e-4
+    if channel_means:
+        assert float(means.abs().max()) > 0.5 * bound  # drawn, not zero
+        with pytest.raises(SealdiffError, match="trigger_channel_means -1.0 is invalid; valid: a number >= 0"):
+            get_defense("diffdefend-purify").make_config(trigger_channel_means=-1.0)
+
+
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_purification_rejects_a_removal_range_outside_the_schedule(value):
     with pytest.raises(SealdiffError, match="removal_low .* valid: 0 <= value <= 1"):
