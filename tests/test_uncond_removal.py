@@ -407,17 +407,23 @@ class _InputRecorder(torch.nn.Module):
         return type("Out", (), {"sample": torch.zeros_like(x)})()
 
 
+@pytest.mark.parametrize("loss", ["trajectory", "last-step"])
 @pytest.mark.parametrize("channel_means", [0.0, 1.5])
-def test_removal_stamps_a_random_channel_mean_beside_the_trigger(backdoored, channel_means):
-    """`channel_means` > 0: each row's stamp is c_t·(τ + m) with m constant over each channel, drawn per row within
-    ±channel_means·rms(τ); 0 stamps c_t·τ alone."""
+def test_removal_stamps_a_random_channel_mean_beside_the_trigger(backdoored, loss, channel_means):
+    """`channel_means` > 0: each row's stamp is c_t·(τ + m) (c_T = 1 at the last step) with m constant over each
+    channel, drawn per row within ±channel_means·rms(τ); 0 stamps c_t·τ alone."""
+    from sealdiff.defenses.elijah import last_step_removal_loss
     from sealdiff.defenses.uncond import distill_loss
 
     trigger = M.trigger()
     trigger = trigger - trigger.mean(dim=(1, 2), keepdim=True)  # zero-mean, as an inverted trigger: m ⟂ τ
     teacher, student = _InputRecorder(), _InputRecorder()
-    distill_loss(backdoored, student, teacher, torch.zeros(4, *backdoored.sample_shape), 16,
-                 torch.Generator().manual_seed(0), trigger=trigger, low=0.3, channel_means=channel_means)
+    gen = torch.Generator().manual_seed(0)
+    if loss == "trajectory":
+        distill_loss(backdoored, student, teacher, torch.zeros(4, *backdoored.sample_shape), 16, gen, trigger=trigger,
+                     low=0.3, channel_means=channel_means)
+    else:
+        last_step_removal_loss(backdoored, student, teacher, trigger, 16, gen, channel_means=channel_means)
     offset = student.inputs[0] - teacher.inputs[0]
     share = (offset * trigger).flatten(1).sum(1) / trigger.pow(2).sum()  # c_t of each row
     means = offset / share.view(-1, 1, 1, 1) - trigger
@@ -426,8 +432,12 @@ def test_removal_stamps_a_random_channel_mean_beside_the_trigger(backdoored, cha
     assert float(means.abs().max()) <= bound + 1e-4
     if channel_means:
         assert float(means.abs().max()) > 0.5 * bound  # drawn, not zero
-        with pytest.raises(SealdiffError, match="trigger_channel_means -1.0 is invalid; valid: a number >= 0"):
-            get_defense("diffdefend-purify").make_config(trigger_channel_means=-1.0)
+
+
+@pytest.mark.parametrize("defense", ["diffdefend-purify", "elijah-ft"])
+def test_removal_configs_reject_negative_channel_means(defense):
+    with pytest.raises(SealdiffError, match="trigger_channel_means -1.0 is invalid; valid: a number >= 0"):
+        get_defense(defense).make_config(trigger_channel_means=-1.0)
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])

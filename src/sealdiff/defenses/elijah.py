@@ -59,6 +59,8 @@ class ElijahRemovalConfig:
                                           "(drawn uniformly up to trigger_scale_high)", default=0.5)
     trigger_scale_high: float = help_field("trigger_levels=trajectory: highest strength k of the stamped k·c_t·τ",
                                            default=6.0)
+    trigger_channel_means: float = help_field("each stamp is τ + m, m per channel drawn uniformly in ±this times "
+                                              "τ's RMS (0: τ alone): the inverted τ has no channel means", default=0.0)
     removal_target: U.RemovalTarget = help_field("eps: the stamped noise gets the frozen model's ε̂ of the clean noise "
                                                "(paper); x0: it gets the frozen model's x̂0 (the offset is denoised "
                                                "away; sealdiff's)", default="x0")
@@ -76,21 +78,25 @@ class ElijahRemovalConfig:
         if self.clean_weight < 0:
             raise SealdiffError(f"clean_weight {self.clean_weight} is invalid; valid: a number >= 0")
         U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
+        U.check_channel_means(self.trigger_channel_means)
         if not 0.0 <= self.trajectory_low < 1.0:
             raise SealdiffError(f"trajectory_low {self.trajectory_low} is invalid; valid: 0 <= value < 1")
 
 
 def last_step_removal_loss(model, unet, frozen, trigger: torch.Tensor, batch: int, generator: torch.Generator,
-                           target: U.RemovalTarget = "eps", gamma: float = 1.0, shard: U.Shard = U.WHOLE
-                           ) -> torch.Tensor:
+                           target: U.RemovalTarget = "eps", gamma: float = 1.0, channel_means: float = 0.0,
+                           shard: U.Shard = U.WHOLE) -> torch.Tensor:
     """‖ε_θ(s·ε + τ, T) − y‖², y = ε_frozen(s·ε, T) (`target='eps'`, the paper's) or y = ε_frozen(s·ε, T) + τ/b_T
     ('x0': the stamped noise implies the frozen model's clean x̂0). γ < 1: the offset also scales the noise by g,
-    drawn per sample in [γ, 1] (s·ε + τ − (1−g)·s·ε), and the x0 target takes that offset too."""
+    drawn per sample in [γ, 1] (s·ε + τ − (1−g)·s·ε), and the x0 target takes that offset too. `channel_means` > 0
+    stamps τ + m, m per sample from `uncond.channel_offsets`."""
     last = C.last_level(model)
     noise = shard.take(C.noise_scale(model) * C.noise_like(model, shard.total(batch), generator), batch)
     offset = trigger
     if gamma != 1.0:  # (only then: the γ = 1 removal keeps its random stream)
         offset = trigger - (1.0 - shard.take(U.trojan_scales(shard.total(batch), gamma, generator), batch)) * noise
+    if channel_means > 0:  # (likewise)
+        offset = offset + shard.take(U.channel_offsets(trigger, shard.total(batch), channel_means, generator), batch)
     with torch.no_grad():
         answer = C.eps_pred(model, frozen, noise, last)
         if target == "x0":
@@ -119,12 +125,13 @@ class ElijahRemoval:
 
         def loss(net) -> torch.Tensor:
             removal = last_step_removal_loss(model, net, frozen, trigger, cfg.batch, gen, cfg.removal_target,
-                                             noise_scale, shard)
+                                             noise_scale, cfg.trigger_channel_means, shard)
             if cfg.trigger_levels == "trajectory":
                 removal = removal + U.distill_loss(model, net, frozen, bank, cfg.batch, gen, trigger=trigger,
                                                    low=cfg.trajectory_low, target=cfg.removal_target,
                                                    scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                                   gamma=noise_scale, shard=shard)
+                                                   gamma=noise_scale, channel_means=cfg.trigger_channel_means,
+                                                   shard=shard)
             return removal + cfg.clean_weight * U.clean_loss(model, net, bank, cfg.batch, gen, shard)
 
         losses, seconds = U.fine_tune(unet, "Elijah removal", cfg.steps, cfg.lr, loss, cfg.progress,

@@ -66,8 +66,7 @@ class PurificationConfig:
                 raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
         check_choice("removal_target", self.removal_target, U.RemovalTarget)
         U.check_trigger_scales(self.trigger_scale_low, self.trigger_scale_high)
-        if self.trigger_channel_means < 0:
-            raise SealdiffError(f"trigger_channel_means {self.trigger_channel_means} is invalid; valid: a number >= 0")
+        U.check_channel_means(self.trigger_channel_means)
         if not 0.0 <= self.removal_low <= 1.0:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
 

@@ -132,19 +132,15 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     TrojDiff's) also scales the triggered input's noise by g, drawn per sample uniformly in [γ, 1] (a backdoor that
     answers γ·ε + τ may answer ε + τ too): x_t − (1−g)·b_t·ε + k·c_t·τ; its x0 target keeps the teacher's clean x̂0,
     y = ε̂_teacher(x_t, t) − (1−g)·ε + k·c_t·τ/b_t (the eps target keeps ε̂_teacher(x_t, t)). `channel_means` > 0
-    stamps τ + m instead of τ, m a per-sample, per-channel constant drawn uniformly in ±channel_means·rms(τ): an
-    inverted trigger has no channel means (the search removes them), while a true trigger's can carry the backdoor."""
+    stamps τ + m instead of τ, m per sample from `channel_offsets`."""
     x0, noise, levels = draw_rows(model, bank, batch, generator, shard, low)
     if trigger is not None:
         k = shard.take(scales[0] + (scales[1] - scales[0]) * torch.rand(shard.total(batch), 1, 1, 1,
                                                                        generator=generator), batch)
         # (drawn only for γ < 1: the γ = 1 removal keeps its random stream)
         g = shard.take(trojan_scales(shard.total(batch), gamma, generator), batch) if gamma != 1.0 else None
-        means = None
-        if channel_means > 0:  # (drawn only then, as g)
-            rms = float(trigger.pow(2).mean().sqrt())
-            means = shard.take((2 * torch.rand(shard.total(batch), trigger.shape[0], 1, 1, generator=generator) - 1)
-                               * channel_means * rms, batch)
+        means = shard.take(channel_offsets(trigger, shard.total(batch), channel_means, generator), batch) \
+            if channel_means > 0 else None  # (drawn only then, as g)
     x_t = noised(levels, x0, noise)
     with torch.no_grad():
         answer = per_sample_eps(model, teacher, x_t, levels)
@@ -157,6 +153,19 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
     if target == "x0":
         answer = answer + offset / b
     return (per_sample_eps(model, unet, x_t + offset, levels) - answer).pow(2).mean()
+
+
+def channel_offsets(trigger: torch.Tensor, count: int, spread: float, generator: torch.Generator) -> torch.Tensor:
+    """(count, C, 1, 1) per-channel constants drawn uniformly in ±spread·rms(τ): what a removal adds to the inverted
+    τ, whose channel means the inversion cannot see (`common.sphere_triggers` removes them), while a true trigger's
+    can carry the backdoor (README: box-hat's fires under DDIM on its channel means alone)."""
+    rms = float(trigger.pow(2).mean().sqrt())
+    return (2 * torch.rand(count, trigger.shape[0], 1, 1, generator=generator) - 1) * spread * rms
+
+
+def check_channel_means(value: float) -> None:
+    if value < 0:
+        raise SealdiffError(f"trigger_channel_means {value} is invalid; valid: a number >= 0")
 
 
 def check_trigger_scales(low: float, high: float) -> None:
