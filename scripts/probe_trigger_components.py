@@ -32,6 +32,8 @@ parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"])
 parser.add_argument("--count", type=int, default=64)
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--out", required=True)
+parser.add_argument("--grid", default=None, help="also write 16 clean samples per sampler, original row over repaired "
+                                                 "row, to this PNG")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 
@@ -66,3 +68,8 @@ for name, trigger in components.items():
         for which, m in models.items()}
     print(f"{name:18s}", json.dumps(result["asr"][name]), flush=True)
 Path(args.out).write_text(json.dumps(to_jsonable(result), indent=2) + "\n")
+if args.grid:
+    from sealdiff.report.images import save_grid
+
+    rows = [clean[which, s][:16] for s in args.samplers for which in models]
+    save_grid((torch.cat(rows) + 1) / 2, args.grid, columns=16)
