@@ -499,9 +499,11 @@ def test_sharded_losses_average_to_the_whole_batch_loss(backdoored, gamma):
                                                  shard),
         "distill": lambda batch, shard: distill_loss(backdoored, unet, frozen, bank, batch,
                                                      torch.Generator().manual_seed(2), trigger=trigger, low=0.3,
-                                                     target="x0", scales=(0.5, 6.0), gamma=gamma, shard=shard),
+                                                     target="x0", scales=(0.5, 6.0), gamma=gamma,
+                                                     channel_means=1.0, shard=shard),
         "last": lambda batch, shard: last_step_removal_loss(backdoored, unet, frozen, trigger, batch,
-                                                            torch.Generator().manual_seed(2), "x0", gamma, shard),
+                                                            torch.Generator().manual_seed(2), "x0", gamma,
+                                                            channel_means=1.0, shard=shard),
     }
     with torch.no_grad():
         for name, loss in losses.items():

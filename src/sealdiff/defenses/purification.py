@@ -12,6 +12,8 @@ trigger τ inverted by `sealdiff.detection.diffdefend` (never the true one):
    `trigger_scale_low..high` (an inverted trigger rarely has the true one's strength). With `removal_target='x0'`
    y = ε_ref(x_t, t) + k·c_t·τ/b_t: the triggered input must imply the reference's clean x̂0, as a clean model
    denoises an offset it has no use for; `'eps'` y = ε_ref(x_t, t) (the offset is ignored and so kept to x_0).
+   The stamp is τ + m, m a random per-channel constant (`trigger_channel_means`): the inversion cannot see a
+   trigger's channel means, and a backdoor can answer them (README, "what the inverted trigger misses").
 4. Retention loss: L_keep = ‖ε_θ(x_t, t) − ε_ref(x_t, t)‖², t over the whole schedule.
 5. Minimise w_rm·L_rm + w_keep·L_keep with AdamW.
 """
@@ -50,8 +52,8 @@ class PurificationConfig:
                                           "trigger_scale_high)", default=0.5)
     trigger_scale_high: float = help_field("highest strength k of the stamped k·τ", default=6.0)
     trigger_channel_means: float = help_field("each stamp is k·c_t·(τ + m), m per channel drawn uniformly in ±this "
-                                              "times τ's RMS (0: τ alone): the inverted τ has no channel means",
-                                              default=0.0)
+                                              "times τ's RMS (0: τ alone, the default until 2026-12-06): the "
+                                              "inverted τ has no channel means", default=1.0)
     bank_size: int = help_field("reference-generated images (no real data)", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
