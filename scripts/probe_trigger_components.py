@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,8 @@ scan = get_detector(detector).make(progress=False, seed=args.seed).scan(model)
 settings = {"seed": args.seed, **{k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}}
 repaired = copy.deepcopy(model)
 spec = get_defense(defense)
-spec.runner(spec.make_config(progress=False, **settings)).apply(repaired, scan.trigger, noise_scale=scan.noise_scale)
+config = spec.make_config(progress=False, **settings)
+spec.runner(config).apply(repaired, scan.trigger, noise_scale=scan.noise_scale)
 
 r, tau = backdoor.trigger, scan.trigger.float()
 mean = r.mean(dim=(1, 2), keepdim=True).expand_as(r)
@@ -52,7 +54,7 @@ components = {"r": r, "0.5 r": 0.5 * r, "1.5 r": 1.5 * r, "2 r": 2 * r, "mean(r)
               "r - mean(r)": r - mean, "inverted, at |r|": tau * r.norm() / tau.norm()}
 cosine = float((tau * r).sum() / (tau.norm() * r.norm()))
 centred = r - mean
-result = {"model": args.model, "method": args.method, "removal_settings": settings, "count": args.count,
+result = {"model": args.model, "method": args.method, "removal_config": dataclasses.asdict(config), "count": args.count,
           "versions": versions(), "scan_score": scan.score,
           "cosine_inverted_true": cosine,
           "cosine_inverted_true_without_means": float((tau * centred).sum() / (tau.norm() * centred.norm())),
