@@ -10,12 +10,15 @@ Seed: An et al., "Elijah: Eliminating Backdoors Injected in Diffusion Models via
    otherwise on the frozen model's own samples (the data-free variant).
 4. Minimise L_rm + w_clean·L_clean with AdamW.
 
-The paper's removal is `trigger_levels='last'`, `removal_target='eps'`. sealdiff's default differs in two ways,
+The paper's removal is `trigger_levels='last'`, `removal_target='eps'`, `trigger_channel_means=0`. sealdiff's
+default differs in three ways. Two,
 because that loss at T alone leaves the offset in x_t for the lower steps, where the backdoor still fires (README):
 `removal_target='x0'` adds τ/b_T to y, so the stamped noise implies the frozen model's clean x̂0 (τ is denoised
 away rather than ignored; `uncond.distill_loss`), and `trigger_levels='trajectory'` also applies the loss at
 earlier steps, to x_t + k·c_t·τ against the frozen model's answer to x_t (t drawn in the upper `trajectory_low..1`
 of the schedule, k in `trigger_scale_low..high`: an inverted trigger rarely has the true one's strength).
+Third, both stamps are τ + m, m a random per-channel constant (`trigger_channel_means`): the inversion cannot see
+a trigger's channel means, and a backdoor can answer them (README, "what the inverted trigger misses").
 A trigger inverted on scaled noise (x_T = γ·ε + τ, TrojDiff's trojan input; `ElijahConfig.noise_scales`) is stamped
 on noise scaled by g, drawn per sample in [γ, 1], and its x0 target takes the noise removed with the scaling too
 (`uncond.distill_loss`'s `gamma`).
@@ -60,7 +63,8 @@ class ElijahRemovalConfig:
     trigger_scale_high: float = help_field("trigger_levels=trajectory: highest strength k of the stamped k·c_t·τ",
                                            default=6.0)
     trigger_channel_means: float = help_field("each stamp is τ + m, m per channel drawn uniformly in ±this times "
-                                              "τ's RMS (0: τ alone): the inverted τ has no channel means", default=0.0)
+                                              "τ's RMS (0: τ alone, the default until 2026-12-06): the inverted τ "
+                                              "has no channel means", default=1.0)
     removal_target: U.RemovalTarget = help_field("eps: the stamped noise gets the frozen model's ε̂ of the clean noise "
                                                "(paper); x0: it gets the frozen model's x̂0 (the offset is denoised "
                                                "away; sealdiff's)", default="x0")
