@@ -50,13 +50,12 @@ spec.runner(config).apply(repaired, scan.trigger, noise_scale=scan.noise_scale)
 
 r, tau = backdoor.trigger, scan.trigger.float()
 mean = r.mean(dim=(1, 2), keepdim=True).expand_as(r)
-components = {"r": r, "0.5 r": 0.5 * r, "1.5 r": 1.5 * r, "2 r": 2 * r, "mean(r)": mean, "2 mean(r)": 2 * mean,
-              "r - mean(r)": r - mean, "inverted, at |r|": tau * r.norm() / tau.norm()}
-cosine = float((tau * r).sum() / (tau.norm() * r.norm()))
 centred = r - mean
+components = {"r": r, "0.5 r": 0.5 * r, "1.5 r": 1.5 * r, "2 r": 2 * r, "mean(r)": mean, "2 mean(r)": 2 * mean,
+              "r - mean(r)": centred, "inverted, at |r|": tau * r.norm() / tau.norm()}
 result = {"model": args.model, "method": args.method, "removal_config": dataclasses.asdict(config), "count": args.count,
           "versions": versions(), "scan_score": scan.score,
-          "cosine_inverted_true": cosine,
+          "cosine_inverted_true": float((tau * r).sum() / (tau.norm() * r.norm())),
           "cosine_inverted_true_without_means": float((tau * centred).sum() / (tau.norm() * centred.norm())),
           "true_channel_means": r.mean(dim=(1, 2)).tolist(), "asr": {}}
 models = {"original": model, "repaired": repaired}

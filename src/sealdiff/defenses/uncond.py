@@ -139,15 +139,16 @@ def distill_loss(model, unet, teacher, bank: torch.Tensor, batch: int, generator
                                                                        generator=generator), batch)
         # (drawn only for γ < 1: the γ = 1 removal keeps its random stream)
         g = shard.take(trojan_scales(shard.total(batch), gamma, generator), batch) if gamma != 1.0 else None
-        means = shard.take(channel_offsets(trigger, shard.total(batch), channel_means, generator), batch) \
-            if channel_means > 0 else None  # (drawn only then, as g)
+        if channel_means > 0:  # (drawn only then, as g)
+            means = channel_offsets(trigger, shard.total(batch), channel_means, generator)
+            trigger = trigger + shard.take(means, batch)
     x_t = noised(levels, x0, noise)
     with torch.no_grad():
         answer = per_sample_eps(model, teacher, x_t, levels)
     if trigger is None:
         return (per_sample_eps(model, unet, x_t, levels) - answer).pow(2).mean()
     b = torch.tensor([lv.b for lv in levels], dtype=x0.dtype).view(-1, 1, 1, 1)
-    offset = k * shifts(model, levels) * (trigger if means is None else trigger + means)
+    offset = k * shifts(model, levels) * trigger
     if g is not None:
         offset = offset - (1.0 - g) * (b * noise)
     if target == "x0":
