@@ -121,6 +121,10 @@ def test_registry_and_configs_refuse_bad_values():
         with pytest.raises(SealdiffError, match=r"noise_scales\[0\]=.* must be a number"):
             get_detector("elijah").make(noise_scales=bad)
     assert get_detector("elijah").make(noise_scales=[0.6, 1]).config.noise_scales == (0.6, 1.0)
+    for bad in ([0.0], [1.0], [-0.5]):
+        with pytest.raises(SealdiffError, match=r"chain_fracs .* valid: numbers in \(0, 1\), or none"):
+            get_detector("elijah").make(chain_fracs=bad)
+    assert get_detector("elijah").make(chain_fracs=[]).config.chain_fracs == ()
     for bad in (["1.0:up"], ["2:min"], ["x:max"], [], ["1.0:min:0"], ["1.0:min:1.5"], ["1.0:min:x"], ["1.0:min:0.5:2"]):
         with pytest.raises(SealdiffError, match="valid: .*FRAC:min"):
             get_detector("diffdefend").make(searches=bad)
@@ -333,6 +337,23 @@ def test_elijah_scan_finds_the_trojdiff_trigger_on_scaled_noise():
     hits = U.attack_success(model, U.Backdoor(trigger=result.trigger, target=backdoor.target, gamma=0.6), "ddpm", 20,
                             count=16)
     assert hits.attack_success >= 0.9
+
+
+def test_elijah_scan_finds_the_ode_backdoor_along_the_chain():
+    """VillanDiffusion's ODE backdoor carries its trigger at T as a clean model carries noise, so a search at T
+    alone misses it (README: Elijah's score 0.05 before `chain_fracs`); the default search for the highest ratio at
+    T/2 finds a trigger (never given the true one) that fires it under DDIM."""
+    from sealdiff.detection import load_for_scan
+    from sealdiff.metrics import uncond as U
+
+    model, directory = load_for_scan("zoo:uncond-ddpm-villan-ode-stop-shift")
+    backdoor = U.read_backdoor(directory)
+    result = get_detector("elijah").make(progress=False, noise_scales=[1.0], epochs=50, fine_epochs=50, restarts=4,
+                                         samples=16, samplers=["ddim"]).scan(model)
+    # clean zoo models: ≤ 0.06 at this search, ≤ 0.26 over the default scan's searches
+    assert result.scores["collapse"] >= 0.3, result.scores
+    hits = U.attack_success(model, U.Backdoor(trigger=result.trigger, target=backdoor.target), "ddim", 20, count=16)
+    assert hits.attack_success >= 0.5, hits.attack_success
 
 
 @pytest.mark.parametrize("name, fields", [("elijah", {"noise_scales": [0.6]}), ("diffdefend", {"searches": ["1.0:min:0.6"]})])

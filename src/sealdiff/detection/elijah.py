@@ -14,7 +14,9 @@ model answers any input roughly with the input itself. So:
    response ratio λ̂(τ) = ⟨mean_b[ε̂(ε_b+τ, T) − ε̂(ε_b, T)], τ⟩/‖τ‖² (1 for a clean model, ≈ λ for the
    backdoor's trigger); `restarts` parallel starts, coarse grid first (`common.search_response_ratio`). The
    search runs once per noise scale γ in `noise_scales`, on inputs γ·ε + τ: γ = 1 is the paper's ε + τ; γ = 0.6 is
-   TrojDiff's trojan input (its blend default), which answers only scaled noise (README); the candidate whose
+   TrojDiff's trojan input (its blend default), which answers only scaled noise (README). Beside them, at each
+   fraction in `chain_fracs` (default T/2), the direction of *highest* ratio (sealdiff's: an ODE backdoor shifts
+   nothing at T, its trigger is carried like noise there, and over-carries it along the chain). The candidate whose
    samples (step 2) collapse most is the inverted trigger, with its γ.
 2. Sample n images from fresh ε + τ and, for reference, from the same ε alone (γ < 1: from γ·ε + τ and γ·ε, with
    the ddpm sampler's step noise scaled by γ, the trojan way).
@@ -60,6 +62,11 @@ class ElijahConfig:
                                                  "search each (1: the paper's ε + τ; 0.6: TrojDiff's trojan input, "
                                                  "sealdiff's; γ ≠ 1 is skipped for ncsn); the candidate whose samples "
                                                  "collapse most wins", default=(1.0, 0.6))
+    chain_fracs: tuple[float, ...] = help_field("ratio: fractions of T at which the direction of *highest* ratio is "
+                                                "also searched, on ε-scaled inputs (sealdiff's: an ODE backdoor, "
+                                                "VillanDiffusion's for DDIM and its kin, is carried like noise at T and "
+                                                "over-carried along the chain; README); () = the paper's last step "
+                                                "only", default=(0.5,))
     norm: float = help_field("ratio: ‖τ‖ of the candidates as a fraction of √d (d values in x_T; ε has norm ≈ √d)",
                              default=0.2)
     restarts: int = help_field("ratio: random starts optimised in parallel (the lowest ratio wins)", default=8)
@@ -96,6 +103,11 @@ class ElijahConfig:
                              for g in scales):
             raise SealdiffError(f"noise_scales {self.noise_scales!r} is invalid; valid: one or more numbers in (0, 1]")
         self.noise_scales = tuple(float(g) for g in scales)
+        fracs = tuple(self.chain_fracs) if isinstance(self.chain_fracs, (list, tuple)) else None
+        if fracs is None or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0
+                                for f in fracs):
+            raise SealdiffError(f"chain_fracs {self.chain_fracs!r} is invalid; valid: numbers in (0, 1), or none")
+        self.chain_fracs = tuple(float(f) for f in fracs)
         if self.samples < 3:
             raise SealdiffError(f"samples {self.samples} is invalid; valid: an integer >= 3")
         if not 0.0 <= self.trim < 0.5:
@@ -161,8 +173,9 @@ class ElijahDetector(Detector):
 
     def inversion(self, model) -> Inversion:
         if self.config.objective == "ratio":
-            return self.ratio_searches(model, [(1.0, "min", gamma) for gamma in self.config.noise_scales],
-                                       "Elijah inversion")
+            cfg = self.config
+            searches = [(1.0, "min", gamma) for gamma in cfg.noise_scales] + [(f, "max", 1.0) for f in cfg.chain_fracs]
+            return self.ratio_searches(model, searches, "Elijah inversion")
         return super().inversion(model)
 
     def invert(self, model) -> tuple[torch.Tensor, list[float]]:
