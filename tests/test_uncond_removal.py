@@ -468,6 +468,22 @@ def test_elijah_removal_stamps_the_trigger_at_the_configured_strengths(backdoore
     assert (first[1.0] != first[4.0]) == (levels == "trajectory"), first
 
 
+def test_pruning_unlearning_term_is_weighted_into_the_fine_tuning(backdoored):
+    """`unlearn_weight` w_u adds w_u times one non-zero trigger-unlearning loss to the first fine-tuning step, drawn
+    after the paper's two terms (which it leaves unchanged), and raises a negative weight."""
+    spec = get_defense("diff-cleanse-prune")
+
+    def first_loss(weight: float) -> float:
+        cfg = spec.make_config(progress=False, steps=1, bank_size=8, bank_steps=2, unlearn_weight=weight)
+        return spec.runner(cfg).apply(copy.deepcopy(backdoored), 0.5 * M.trigger()).losses[0]
+
+    paper, once, twice = first_loss(0.0), first_loss(1.0), first_loss(2.0)
+    assert once - paper > 1e-4
+    assert twice - paper == pytest.approx(2 * (once - paper), rel=1e-4)
+    with pytest.raises(SealdiffError, match="unlearn_weight -1 is invalid"):
+        spec.make_config(unlearn_weight=-1)
+
+
 @pytest.mark.parametrize("defense", ["elijah-ft", "diff-cleanse-prune"])
 def test_real_images_replace_the_generated_bank(backdoored, defense, monkeypatch):
     """Given real clean images, the clean (and distillation) losses draw from them: no model-generated bank is made."""

@@ -18,7 +18,8 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
    the model keeps its architecture, saves as a stock `UNet2DModel` with safetensors, and the zeros stay zeros).
    These are filter masks: a ResNet block's first convolution's masked channel still receives the time embedding
    and its norm's bias (structural pruning of the whole coupled group measured worse on the zoo: README).
-5. Fine-tune with L_c + w·distillation from the unpruned model (‖ε_θ(x_t, t) − ε_unpruned(x_t, t)‖² on clean x_t);
+5. Fine-tune with L_c + w·distillation from the unpruned model (‖ε_θ(x_t, t) − ε_unpruned(x_t, t)‖² on clean x_t)
+   [+ w_u·unlearning with the inverted trigger, `unlearn_weight`, sealdiff's: `diffdefend-purify`'s removal loss];
    gradients of pruned weights are masked and the zeros re-applied after every step, so pruned channels stay pruned.
 """
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from sealdiff.config import check_choice
 from sealdiff.defenses import uncond as U
+from sealdiff.defenses.purification import PurificationConfig
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 ImportanceRule = Literal["difference", "backdoor", "ratio"]
 ImportanceLevels = Literal["last", "chain"]
+# the unlearning term's stamping: DiffDefend's removal loss at its defaults
+UNLEARN = PurificationConfig(progress=False)
 # layers never pruned: the UNet's input/output convolutions (pruning them removes image channels)
 NEVER_PRUNED = ("conv_in", "conv_out")
 
@@ -63,6 +67,10 @@ class PruningConfig:
     batch: int = help_field("samples per importance batch and fine-tuning step", default=16)
     lr: float = help_field("AdamW learning rate of the fine-tuning", default=2e-4)
     distill_weight: float = help_field("w of the distillation from the unpruned model", default=1.0)
+    unlearn_weight: float = help_field("w_u of a trigger-unlearning term in the fine-tuning (sealdiff's; 0 = the "
+                                       "paper's clean + distillation loss): the pruned model must answer "
+                                       "x_t + k·c_t·(τ + m) with the unpruned model's clean x̂0 (`diffdefend-purify`'s "
+                                       "removal loss at its defaults)", default=0.0)
     bank_size: int = help_field("model-generated images for the clean loss", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
@@ -80,8 +88,9 @@ class PruningConfig:
         check_choice("importance_levels", self.importance_levels, ImportanceLevels)
         if not 0.0 <= self.importance_low < 1.0:
             raise SealdiffError(f"importance_low {self.importance_low} is invalid; valid: 0 <= value < 1")
-        if self.distill_weight < 0:
-            raise SealdiffError(f"distill_weight {self.distill_weight} is invalid; valid: a number >= 0")
+        for name in ("distill_weight", "unlearn_weight"):
+            if getattr(self, name) < 0:
+                raise SealdiffError(f"{name} {getattr(self, name)} is invalid; valid: a number >= 0")
 
 
 def prunable_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -238,6 +247,11 @@ class DiffCleansePruning:
             if cfg.distill_weight:
                 value = value + cfg.distill_weight * U.distill_loss(model, net, unpruned, bank, cfg.batch, gen,
                                                                     shard=shard)
+            if cfg.unlearn_weight:
+                value = value + cfg.unlearn_weight * U.distill_loss(
+                    model, net, unpruned, bank, cfg.batch, gen, trigger=trigger, low=UNLEARN.removal_low,
+                    target=UNLEARN.removal_target, scales=(UNLEARN.trigger_scale_low, UNLEARN.trigger_scale_high),
+                    gamma=noise_scale, channel_means=UNLEARN.trigger_channel_means, shard=shard)
             return value
 
         try:
