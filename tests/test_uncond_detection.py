@@ -356,7 +356,7 @@ def test_elijah_scan_finds_the_ode_backdoor_along_the_chain():
     assert hits.attack_success >= 0.5, hits.attack_success
 
 
-@pytest.mark.parametrize("name, fields", [("elijah", {"noise_scales": [0.6]}), ("diffdefend", {"searches": ["1.0:min:0.6"]})])
+@pytest.mark.parametrize("name, fields", [("elijah", {"noise_scales": [0.6], "chain_fracs": []}), ("diffdefend", {"searches": ["1.0:min:0.6"]})])
 def test_scaled_noise_searches_alone_refuse_a_ve_model(name, fields):
     from sealdiff.detection import load_for_scan
 
