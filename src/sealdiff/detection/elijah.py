@@ -63,7 +63,7 @@ class ElijahConfig:
                                                  "sealdiff's; γ ≠ 1 is skipped for ncsn); the candidate whose samples "
                                                  "collapse most wins", default=(1.0, 0.6))
     chain_fracs: tuple[float, ...] = help_field("ratio: fractions of T at which the direction of *highest* ratio is "
-                                                "also searched, on ε-scaled inputs (sealdiff's: an ODE backdoor, "
+                                                "also searched, on unscaled noise (γ = 1; sealdiff's: an ODE backdoor, "
                                                 "VillanDiffusion's for DDIM and its kin, is carried like noise at T and "
                                                 "over-carried along the chain; README); () = the paper's last step "
                                                 "only", default=(0.5,))
