@@ -19,7 +19,8 @@ With the trigger τ inverted by BBTI (`sealdiff.detection.diffcleanse`, never th
    These are filter masks: a ResNet block's first convolution's masked channel still receives the time embedding
    and its norm's bias (structural pruning of the whole coupled group measured worse on the zoo: README).
 5. Fine-tune with L_c + w·distillation from the unpruned model (‖ε_θ(x_t, t) − ε_unpruned(x_t, t)‖² on clean x_t)
-   [+ w_u·unlearning with the inverted trigger, `unlearn_weight`, sealdiff's: `diffdefend-purify`'s removal loss];
+   + w_u·unlearning with the inverted trigger (`unlearn_weight`, sealdiff's: `diffdefend-purify`'s removal loss;
+   the paper's fine-tuning alone leaves ODE paths open on two zoo backdoors: README), 800 steps;
    gradients of pruned weights are masked and the zeros re-applied after every step, so pruned channels stay pruned.
 """
 
@@ -63,14 +64,15 @@ class PruningConfig:
         "x_t + c_t·τ of generated images at t in [importance_low, 1]·T (the public code's range)", default="last")
     importance_low: float = help_field("importance_levels=chain: lowest schedule fraction (public code: 0.9)",
                                        default=0.9)
-    steps: int = help_field("fine-tuning steps after pruning (0: prune only)", default=100)
+    steps: int = help_field("fine-tuning steps after pruning (0: prune only; the paper's loss: 100, more lets the "
+                            "distillation teach the backdoor back: README)", default=800)
     batch: int = help_field("samples per importance batch and fine-tuning step", default=16)
     lr: float = help_field("AdamW learning rate of the fine-tuning", default=2e-4)
     distill_weight: float = help_field("w of the distillation from the unpruned model", default=1.0)
-    unlearn_weight: float = help_field("w_u of a trigger-unlearning term in the fine-tuning (sealdiff's; 0 = the "
-                                       "paper's clean + distillation loss): the pruned model must answer "
-                                       "x_t + k·c_t·(τ + m) with the unpruned model's clean x̂0 (`diffdefend-purify`'s "
-                                       "removal loss at its defaults)", default=0.0)
+    unlearn_weight: float = help_field("w_u of a trigger-unlearning term in the fine-tuning (sealdiff's, since "
+                                       "2026-12-06; 0 with steps 100 = the paper's clean + distillation loss): the "
+                                       "pruned model must answer x_t + k·c_t·(τ + m) with the unpruned model's clean "
+                                       "x̂0 (`diffdefend-purify`'s removal loss at its defaults)", default=1.0)
     bank_size: int = help_field("model-generated images for the clean loss", default=64)
     bank_steps: int = help_field("sampler steps of the generated bank", default=10)
     seed: int = help_field("seed of the bank, noise and timesteps", default=0)
