@@ -167,10 +167,11 @@ def test_bbti_loss_reaches_the_trigger(pair):
 
 # Elijah's and DiffDefend's inversions miss the micro model's backdoor: at T its ε̂ carries 0.57 of the true
 # trigger r (response ratio, `common.response_ratios`; BadDiffusion's λ = 0.5) and its clean twin already 0.62, so
-# neither the distribution-shift fit (shift 0.60·r vs 0.58·r) nor the ratio search singles r out (measured: 0 %
-# attack success with their inverted triggers; the 16x16 zoo models do show it, see README). Strict xfail: the
+# neither the distribution-shift fit (shift 0.60·r vs 0.58·r) nor the ratio search singles r out, and their searches
+# at T/2 and on scaled noise land elsewhere too (measured: 0 % attack success with their inverted triggers; the
+# 16x16 zoo models do show it, see README). Strict xfail: the
 # test starts failing loudly as soon as they do recover the trigger.
-SPURIOUS = pytest.mark.xfail(strict=True, reason="the micro backdoor is not distinct in ε̂ at T")
+SPURIOUS = pytest.mark.xfail(strict=True, reason="the micro backdoor is not distinct in ε̂ at T, and the other searches miss it too")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=SPURIOUS) if n != "diff-cleanse" else n for n in DETECTORS])

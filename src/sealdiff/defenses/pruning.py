@@ -35,7 +35,7 @@ from torch import nn
 
 from sealdiff.config import check_choice
 from sealdiff.defenses import uncond as U
-from sealdiff.defenses.purification import PurificationConfig
+from sealdiff.defenses.purification import PurificationConfig, removal_loss
 from sealdiff.detection import check_positive, help_field
 from sealdiff.detection import common as C
 from sealdiff.errors import SealdiffError
@@ -45,8 +45,6 @@ logger = logging.getLogger(__name__)
 
 ImportanceRule = Literal["difference", "backdoor", "ratio"]
 ImportanceLevels = Literal["last", "chain"]
-# the unlearning term's stamping: DiffDefend's removal loss at its defaults
-UNLEARN = PurificationConfig(progress=False)
 # layers never pruned: the UNet's input/output convolutions (pruning them removes image channels)
 NEVER_PRUNED = ("conv_in", "conv_out")
 
@@ -243,6 +241,7 @@ class DiffCleansePruning:
                     masks[p] = mask
         handles = [p.register_hook(lambda g, mask=mask: g * mask) for p, mask in masks.items()]
         gen = torch.Generator().manual_seed(cfg.seed + 1)
+        unlearning = PurificationConfig(progress=False)  # DiffDefend's removal loss at its defaults
 
         def loss(net) -> torch.Tensor:
             value = U.clean_loss(model, net, bank, cfg.batch, gen, shard)
@@ -250,10 +249,8 @@ class DiffCleansePruning:
                 value = value + cfg.distill_weight * U.distill_loss(model, net, unpruned, bank, cfg.batch, gen,
                                                                     shard=shard)
             if cfg.unlearn_weight:
-                value = value + cfg.unlearn_weight * U.distill_loss(
-                    model, net, unpruned, bank, cfg.batch, gen, trigger=trigger, low=UNLEARN.removal_low,
-                    target=UNLEARN.removal_target, scales=(UNLEARN.trigger_scale_low, UNLEARN.trigger_scale_high),
-                    gamma=noise_scale, channel_means=UNLEARN.trigger_channel_means, shard=shard)
+                value = value + cfg.unlearn_weight * removal_loss(unlearning, model, net, unpruned, bank, cfg.batch,
+                                                                  gen, trigger, noise_scale, shard)
             return value
 
         try:

@@ -73,6 +73,15 @@ class PurificationConfig:
             raise SealdiffError(f"removal_low {self.removal_low} is invalid; valid: 0 <= value <= 1")
 
 
+def removal_loss(cfg: PurificationConfig, model, unet, reference, bank: torch.Tensor, batch: int,
+                 generator: torch.Generator, trigger: torch.Tensor, gamma: float, shard: U.Shard) -> torch.Tensor:
+    """The removal loss at `cfg`'s settings (`uncond.distill_loss` with the trigger): x_t + k·c_t·(τ + m) from
+    `removal_low`·T down must get the reference's answer to x_t. Diff-Cleanse's unlearning term reuses it."""
+    return U.distill_loss(model, unet, reference, bank, batch, generator, trigger=trigger, low=cfg.removal_low,
+                          target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
+                          gamma=gamma, channel_means=cfg.trigger_channel_means, shard=shard)
+
+
 class DiffDefendPurification:
     __doc__ = __doc__
     name = "diffdefend-purify"
@@ -93,9 +102,7 @@ class DiffDefendPurification:
         gen, shard = torch.Generator().manual_seed(cfg.seed + 1), U.shard_of(accelerator)
 
         def loss(net) -> torch.Tensor:
-            removal = U.distill_loss(model, net, reference, bank, cfg.batch, gen, trigger=trigger, low=cfg.removal_low,
-                                     target=cfg.removal_target, scales=(cfg.trigger_scale_low, cfg.trigger_scale_high),
-                                     gamma=noise_scale, channel_means=cfg.trigger_channel_means, shard=shard)
+            removal = removal_loss(cfg, model, net, reference, bank, cfg.batch, gen, trigger, noise_scale, shard)
             keep = U.distill_loss(model, net, reference, bank, cfg.batch, gen, shard=shard)
             return cfg.removal_weight * removal + cfg.retention_weight * keep
 

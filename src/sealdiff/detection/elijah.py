@@ -98,22 +98,27 @@ class ElijahConfig:
             raise SealdiffError(f"coarse {self.coarse} / fine_epochs {self.fine_epochs} is invalid; valid: integers >= 0")
         if self.samplers is not None:
             self.samplers = (self.samplers,) if isinstance(self.samplers, str) else tuple(self.samplers)
-        scales = tuple(self.noise_scales) if isinstance(self.noise_scales, (list, tuple)) else ()
-        if not scales or any(isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 < g <= 1.0
-                             for g in scales):
-            raise SealdiffError(f"noise_scales {self.noise_scales!r} is invalid; valid: one or more numbers in (0, 1]")
-        self.noise_scales = tuple(float(g) for g in scales)
-        fracs = tuple(self.chain_fracs) if isinstance(self.chain_fracs, (list, tuple)) else None
-        if fracs is None or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0
-                                for f in fracs):
-            raise SealdiffError(f"chain_fracs {self.chain_fracs!r} is invalid; valid: numbers in (0, 1), or none")
-        self.chain_fracs = tuple(float(f) for f in fracs)
+        self.noise_scales = number_tuple("noise_scales", self.noise_scales, high_inclusive=True, empty=False,
+                                         valid="one or more numbers in (0, 1]")
+        self.chain_fracs = number_tuple("chain_fracs", self.chain_fracs, high_inclusive=False, empty=True,
+                                        valid="numbers in (0, 1), or none")
         if self.samples < 3:
             raise SealdiffError(f"samples {self.samples} is invalid; valid: an integer >= 3")
         if not 0.0 <= self.trim < 0.5:
             raise SealdiffError(f"trim {self.trim} is invalid; valid: 0 <= trim < 0.5")
         if not 0.0 < self.lam < 1.0:
             raise SealdiffError(f"lam {self.lam} is invalid; valid: 0 < lam < 1")
+
+
+def number_tuple(name: str, value, high_inclusive: bool, empty: bool, valid: str) -> tuple[float, ...]:
+    """`value` (a list or tuple of numbers in (0, 1) or (0, 1]) as a tuple of floats; anything else is a
+    `SealdiffError` naming `valid`."""
+    items = tuple(value) if isinstance(value, (list, tuple)) else None
+    if items is None or (not items and not empty) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v < 1.0 or (high_inclusive and v == 1.0))
+            for v in items):
+        raise SealdiffError(f"{name} {value!r} is invalid; valid: {valid}")
+    return tuple(float(v) for v in items)
 
 
 def elijah_loss(model, unet, noise: torch.Tensor, u: torch.Tensor, lam: float) -> torch.Tensor:
